@@ -1,0 +1,10 @@
+"""Instruction-tuning causal LLMs on Classical Chinese <-> vernacular translation (NTU ADL 2023 HW3)."""
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent  # project root: relative paths in params resolve here
+
+
+def resolve(path) -> Path:
+    """A params path: absolute stays, relative is taken from the project root (not the cwd)."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else ROOT / p

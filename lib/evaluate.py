@@ -1,0 +1,109 @@
+"""The course metric: mean over examples of exp(mean NLL of output+EOS given BOS+prompt), batched.
+
+`reference_perplexities` is the course's own batch-size-1 loop, kept as the yardstick; `perplexities`
+is the fast one (length-sorted right-padded batches, LM head only on answer positions) and a test
+holds the two equal to 1e-4.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    n_prompt: int  # BOS + prompt tokens; the rest (output + EOS) is scored
+    truncated: bool
+
+
+def encode(tok, prompt: str, output: str, max_length: int = 2048) -> Encoded:
+    """[BOS] + tok(prompt) + tok(output) + [EOS], each part tokenized alone, cut at max_length."""
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    head = bos + tok(prompt, add_special_tokens=False)["input_ids"]
+    ids = head + tok(output, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    return Encoded(ids[:max_length], min(len(head), max_length), len(ids) > max_length)
+
+
+@dataclass
+class Scores:
+    ppl: list[float]  # per example, in input order
+    nll: list[float]  # summed NLL (nats) of each example's scored tokens
+    n_tokens: list[int]
+    n_truncated: int
+
+    @property
+    def mean_ppl(self) -> float:
+        return float(np.mean(self.ppl))
+
+
+def _scores(nll, counts, truncated) -> Scores:
+    ppl = [float(np.exp(s / c)) if c else float("nan") for s, c in zip(nll, counts)]
+    return Scores(ppl, [float(x) for x in nll], list(counts), int(sum(truncated)))
+
+
+@torch.inference_mode()
+def reference_perplexities(model, tok, prompts, outputs, max_length=2048) -> Scores:
+    """The course's loop: one example at a time, full logits, CrossEntropy on the shifted labels."""
+    dev = next(model.parameters()).device
+    encs = [encode(tok, p, o, max_length) for p, o in zip(prompts, outputs)]
+    nll, counts = [], []
+    for e in tqdm(encs, desc="reference ppl", leave=False):
+        ids = torch.tensor([e.input_ids], device=dev)
+        logits = model(ids, attention_mask=torch.ones_like(ids)).logits
+        losses = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="none")
+        mask = torch.zeros_like(losses)
+        mask[e.n_prompt - 1:] = 1  # logits at t predict token t+1
+        nll.append((losses * mask).sum().item())
+        counts.append(int(mask.sum().item()))
+    return _scores(nll, counts, [e.truncated for e in encs])
+
+
+def _parts(model):
+    """Decoder stack, LM head and logit soft-cap of a (possibly peft-wrapped) causal LM."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), base.get_output_embeddings(), getattr(base.config, "final_logit_softcapping", None)
+
+
+def _batch_nll(model, encs, pad_id, dev):
+    """Summed NLL of each sequence's answer tokens; the LM head runs only where a token is scored."""
+    decoder, head, cap = _parts(model)
+    width = max(len(e.input_ids) for e in encs)
+    ids = torch.full((len(encs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    score = torch.zeros_like(ids, dtype=torch.bool)  # position t scores token t+1
+    for i, e in enumerate(encs):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        attn[i, :n] = 1
+        score[i, e.n_prompt - 1:n - 1] = True
+    ids, attn, score = ids.to(dev), attn.to(dev), score.to(dev)
+    hidden = decoder(input_ids=ids, attention_mask=attn).last_hidden_state
+    # Skipping the vocabulary projection on prompt tokens is exact and saves most of the head's work.
+    logits = head(hidden[score]).float()
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    targets = ids[:, 1:][score[:, :-1]]
+    losses = F.cross_entropy(logits, targets, reduction="none")
+    row = score.nonzero()[:, 0]
+    return torch.zeros(len(encs), device=dev).index_add_(0, row, losses).tolist()
+
+
+@torch.inference_mode()
+def perplexities(model, tok, prompts, outputs, batch_size=16, max_length=2048, progress=True) -> Scores:
+    """The course metric, batched: examples sorted by length, right-padded, pads masked."""
+    if len(prompts) != len(outputs):
+        raise ValueError(f"{len(prompts)} prompts but {len(outputs)} outputs")
+    dev = next(model.parameters()).device
+    encs = [encode(tok, p, o, max_length) for p, o in zip(prompts, outputs)]
+    order = sorted(range(len(encs)), key=lambda i: -len(encs[i].input_ids))  # longest first: OOM shows early
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    nll = [0.0] * len(encs)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc="perplexity", unit="batch", disable=not progress, leave=False):
+        for i, v in zip(batch, _batch_nll(model, [encs[i] for i in batch], pad, dev)):
+            nll[i] = v
+    counts = [len(e.input_ids) - e.n_prompt for e in encs]
+    return _scores(nll, counts, [e.truncated for e in encs])

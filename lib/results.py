@@ -1,0 +1,83 @@
+"""Results with provenance: every notebook writes JSON/CSV through here; 05_report reads only these."""
+import json
+import platform
+import subprocess
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import pandas as pd
+
+from . import ROOT, resolve
+
+PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", "sacrebleu", "papermill")
+
+
+def git_state() -> dict:
+    """Commit hash and whether the work tree had uncommitted changes."""
+    def git(*args):
+        r = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def versions() -> dict:
+    out = {}
+    for p in PACKAGES:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            out[p] = None
+    return out
+
+
+def hardware() -> dict:
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": platform.processor() or platform.machine(), "cpus": __import__("os").cpu_count(),
+            "gpu": gpu, "python": platform.python_version()}
+
+
+def provenance(params, model_ids=(), started: float | None = None) -> dict:
+    """What produced a result: params, code, packages, model files, hardware, wall time."""
+    from . import models
+
+    return {
+        "params": params.to_dict(),
+        "git": git_state(),
+        "versions": versions(),
+        "models": [models.model_identity(m) for m in model_ids],
+        "hardware": hardware(),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "wall_s": round(time.time() - started, 1) if started else None,
+    }
+
+
+def section_dir(params, name: str) -> Path:
+    """reports/<run>/<timestamp>/<name>/ (created)."""
+    d = resolve(params.out_dir) / name
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _atomic_write(path: Path, text: str):
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)  # a crash mid-write never leaves a truncated results file
+
+
+def save(folder: Path, summary: dict, tables: dict | None = None, prov: dict | None = None):
+    """results.json (summary + provenance) and one CSV per table in folder."""
+    for name, df in (tables or {}).items():
+        _atomic_write(folder / f"{name}.csv", df.to_csv(index=False))
+    doc = {"summary": summary, "tables": sorted(tables or {}), "provenance": prov}
+    _atomic_write(folder / "results.json", json.dumps(doc, ensure_ascii=False, indent=2, default=str))
+
+
+def load(folder: Path) -> tuple[dict, dict]:
+    """(results.json as a dict, {table: DataFrame}) from a results folder."""
+    doc = json.loads((folder / "results.json").read_text(encoding="utf-8"))
+    return doc, {t: pd.read_csv(folder / f"{t}.csv") for t in doc["tables"]}
