@@ -107,3 +107,40 @@ def perplexities(model, tok, prompts, outputs, batch_size=16, max_length=2048, p
             nll[i] = v
     counts = [len(e.input_ids) - e.n_prompt for e in encs]
     return _scores(nll, counts, [e.truncated for e in encs])
+
+
+def score_records(model, tok, records, prompts_, batch_size=16, max_length=2048, **labels):
+    """Per-example course metric for records with their prompts, as a DataFrame (one row a record).
+
+    labels (e.g. template='course', k=2) become constant columns, so results of runs concatenate.
+    """
+    import pandas as pd
+
+    outputs = [r["output"] for r in records]
+    s = perplexities(model, tok, prompts_, outputs, batch_size=batch_size, max_length=max_length)
+    if s.n_truncated:
+        print(f"note: {s.n_truncated} of {len(records)} sequences were cut at max_length={max_length}")
+    df = pd.DataFrame({"id": [r["id"] for r in records], "direction": [r["direction"] for r in records],
+                       "ppl": s.ppl, "nll": s.nll, "n_tokens": s.n_tokens,
+                       "n_chars": [len(o) for o in outputs]})
+    for k, v in labels.items():
+        df.insert(0, k, v)
+    return df
+
+
+def summarize(df, by) -> "pd.DataFrame":
+    """Mean perplexity (the course score) per group, overall and per direction, plus bits/char."""
+    import numpy as np
+    import pandas as pd
+
+    by = [by] if isinstance(by, str) else list(by)
+    rows = []
+    for key, g in df.groupby(by, sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        row = dict(zip(by, key), mean_ppl=g.ppl.mean(), n=len(g))
+        for d, gd in g.groupby("direction"):
+            row[f"ppl_{d}"] = gd.ppl.mean()
+        # bits per character is comparable across tokenizers; perplexity per token is not
+        row["bits_per_char"] = g.nll.sum() / g.n_chars.sum() / np.log(2)
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -1,0 +1,41 @@
+"""Seaborn figures of the study; each returns its Figure so notebooks can show and save it."""
+import matplotlib.pyplot as plt
+import seaborn as sns
+
+sns.set_theme(style="whitegrid")
+
+
+def ppl_distributions(df, by="template"):
+    """Per-example perplexity per group (log scale: a few hard examples dominate the mean)."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    sns.boxplot(data=df, x=by, y="ppl", hue="direction", ax=ax, log_scale=True)
+    means = df.groupby(by, sort=False).ppl.mean()
+    ax.set_title("per-example perplexity; mean: " + ", ".join(f"{k} {v:.2f}" for k, v in means.items()))
+    ax.set_ylabel("perplexity (log scale)")
+    fig.tight_layout()
+    return fig
+
+
+def learning_curves(curve, hue="model"):
+    """Public-test mean perplexity vs optimizer step, one line per run."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    sns.lineplot(data=curve, x="step", y="mean_ppl", hue=hue if hue in curve else None, marker="o", ax=ax)
+    ax.set_ylabel("public-test mean perplexity")
+    ax.set_xlabel("optimizer step")
+    fig.tight_layout()
+    return fig
+
+
+def fewshot_lines(df):
+    """Mean perplexity vs number of in-context examples per strategy (error bars: spread over seeds)."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    sns.lineplot(data=df, x="k", y="mean_ppl", hue="strategy", marker="o", errorbar="sd", ax=ax)
+    ax.set_xlabel("in-context examples (k)")
+    ax.set_ylabel("mean perplexity")
+    fig.tight_layout()
+    return fig
+
+
+def save(fig, path):
+    fig.savefig(path, dpi=110)
+    return path
