@@ -19,7 +19,7 @@ def ppl_distributions(df, by="template"):
 def learning_curves(curve, hue="model"):
     """Public-test mean perplexity vs optimizer step, one line per run."""
     fig, ax = plt.subplots(figsize=(7, 4))
-    sns.lineplot(data=curve, x="step", y="mean_ppl", hue=hue if hue in curve else None, marker="o", ax=ax)
+    sns.lineplot(data=curve, x="step", y="eval_ppl", hue=hue if hue in curve else None, marker="o", ax=ax)
     ax.set_ylabel("public-test mean perplexity")
     ax.set_xlabel("optimizer step")
     fig.tight_layout()

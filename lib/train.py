@@ -1,0 +1,202 @@
+"""QLoRA fine-tuning with the HF Trainer: answer-only loss, learning curve, best adapter, resume.
+
+Sequences are built by evaluate.encode, so the training loss and the course metric score exactly the
+same tokens (output + EOS given BOS + prompt).
+"""
+import math
+from pathlib import Path
+
+import pandas as pd
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from . import evaluate, prompts
+
+IGNORE = -100  # label value the loss skips
+
+
+def encode_examples(tok, records, template, max_length) -> tuple[list[dict], int]:
+    """Training features (input_ids, labels with the prompt masked) and how many were cut."""
+    feats, cut = [], 0
+    for r in records:
+        e = evaluate.encode(tok, prompts.build(r["instruction"], template), r["output"], max_length)
+        cut += e.truncated
+        labels = [IGNORE] * e.n_prompt + e.input_ids[e.n_prompt:]
+        feats.append({"input_ids": e.input_ids, "labels": labels})
+    return feats, cut
+
+
+class PadCollator:
+    """Right-pads a batch; pads get attention 0 and label IGNORE."""
+
+    def __init__(self, pad_id):
+        self.pad_id = pad_id
+
+    def __call__(self, feats):
+        width = max(len(f["input_ids"]) for f in feats)
+        ids = torch.full((len(feats), width), self.pad_id)
+        labels = torch.full((len(feats), width), IGNORE)
+        attn = torch.zeros((len(feats), width), dtype=torch.long)
+        for i, f in enumerate(feats):
+            n = len(f["input_ids"])
+            ids[i, :n], labels[i, :n], attn[i, :n] = torch.tensor(f["input_ids"]), torch.tensor(f["labels"]), 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": attn}
+
+
+def add_lora(model, p):
+    """Wrap a (4-bit) model with LoRA adapters on p.target_modules; the base stays frozen."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if p.quantization == "nf4":  # casts norms to fp32, enables input grads for checkpointing
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=p.gradient_checkpointing)
+    elif p.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    missing = [m for m in p.target_modules if not any(n.endswith(m) for n, _ in model.named_modules())]
+    if missing:
+        raise ValueError(f"target_modules {missing} not found in {p.model}")
+    cfg = LoraConfig(r=p.lora_r, lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout, bias="none",
+                     target_modules=list(p.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg)
+
+
+def trainable_params(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts (4-bit weights count as stored elements)."""
+    trainable = sum(x.numel() for x in model.parameters() if x.requires_grad)
+    return trainable, sum(x.numel() for x in model.parameters())
+
+
+def planned_steps(p, n_train) -> int:
+    """Optimizer steps the run will take."""
+    if p.max_steps > 0:
+        return p.max_steps
+    per_epoch = math.ceil(math.ceil(n_train / p.micro_batch_size) / p.grad_accum)
+    return math.ceil(per_epoch * p.epochs)
+
+
+def check_inputs(p, train_records, eval_records):
+    """Clear errors before any training starts."""
+    if not train_records:
+        raise ValueError("the training set is empty")
+    if any("output" not in r for r in eval_records):
+        raise ValueError(f"the eval set ({p.eval_split}) has records without 'output'; it cannot be scored")
+    steps = planned_steps(p, len(train_records))
+    if p.eval_steps > steps:
+        raise ValueError(f"eval_steps={p.eval_steps} is larger than the run ({steps} optimizer steps)")
+
+
+class CurveCallback(TrainerCallback):
+    """Course-metric perplexity on the eval set every eval_steps (and at steps 0 and last).
+
+    Rows go into state.log_history, which checkpoints carry, so a resumed run keeps its curve. A new
+    best is saved as best_adapter/.
+    """
+
+    def __init__(self, tok, eval_records, p, out: Path):
+        self.tok, self.records, self.p, self.out = tok, eval_records, p, out
+        self.prompts = [prompts.build(r["instruction"], p.template) for r in eval_records]
+
+    def _evaluate(self, model, state):
+        model.eval()
+        df = evaluate.score_records(model, self.tok, self.records, self.prompts, self.p.eval_batch_size,
+                                    self.p.max_length)
+        model.train()
+        row = {"step": state.global_step, "eval_ppl": float(df.ppl.mean()),
+               "eval_bits_per_char": float(df.nll.sum() / df.n_chars.sum() / math.log(2))}
+        row.update({f"eval_ppl_{d}": float(g.ppl.mean()) for d, g in df.groupby("direction")})
+        state.log_history.append(row)
+        if state.best_metric is None or row["eval_ppl"] < state.best_metric:
+            state.best_metric, state.best_global_step = row["eval_ppl"], state.global_step
+            model.save_pretrained(self.out / "best_adapter")
+        print(f"step {state.global_step}: eval ppl {row['eval_ppl']:.3f}", flush=True)
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        if state.global_step == 0:
+            self._evaluate(model, state)
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        if state.global_step % self.p.eval_steps == 0 or state.global_step == state.max_steps:
+            self._evaluate(model, state)
+            control.should_save = control.should_save or state.global_step % self.p.save_steps == 0
+
+
+def training_args(p, out: Path, n_train: int) -> TrainingArguments:
+    bf16 = p.compute_dtype == "bfloat16"
+    return TrainingArguments(
+        output_dir=str(out / "checkpoints"), per_device_train_batch_size=p.micro_batch_size,
+        gradient_accumulation_steps=p.grad_accum, max_steps=planned_steps(p, n_train),
+        learning_rate=p.learning_rate, lr_scheduler_type=p.lr_scheduler, warmup_steps=p.warmup_ratio,
+        max_grad_norm=p.max_grad_norm, weight_decay=p.weight_decay, optim="adamw_torch",
+        logging_steps=p.logging_steps, save_strategy="steps", save_steps=p.save_steps,
+        eval_strategy="no", report_to="none", seed=p.seed, data_seed=p.seed, bf16=bf16,
+        use_cpu=(evaluate_device(p) == "cpu"), remove_unused_columns=False,
+        dataloader_num_workers=0, disable_tqdm=False, save_only_model=False,
+        # gradient checkpointing is set up by add_lora (peft's kbit preparation)
+    )
+
+
+def evaluate_device(p) -> str:
+    from .models import device_for
+
+    return device_for(p.device)
+
+
+def curve_table(log_history) -> pd.DataFrame:
+    """Learning curve: eval perplexity rows joined with the nearest training loss by step."""
+    ev = pd.DataFrame([r for r in log_history if "eval_ppl" in r])
+    loss = pd.DataFrame([{"step": r["step"], "train_loss": r["loss"]} for r in log_history if "loss" in r])
+    if loss.empty:
+        return ev.assign(train_loss=float("nan"))
+    return ev.merge(loss, on="step", how="left")
+
+
+def fit(model, tok, train_records, eval_records, p, out: Path):
+    """Train (resuming from out/checkpoints if present and p.resume); returns (trainer, curve)."""
+    check_inputs(p, train_records, eval_records)
+    feats, cut = encode_examples(tok, train_records, p.template, p.max_length)
+    if cut:
+        print(f"note: {cut} of {len(feats)} training sequences are longer than max_length={p.max_length} and were cut")
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(model=model, args=training_args(p, out, len(feats)), train_dataset=feats,
+                      data_collator=PadCollator(tok.pad_token_id),
+                      callbacks=[CurveCallback(tok, eval_records, p, out)])
+    last = get_last_checkpoint(str(out / "checkpoints")) if (out / "checkpoints").exists() and p.resume else None
+    if last:
+        print(f"resuming from {last}", flush=True)
+    trainer.train(resume_from_checkpoint=last)
+    model.save_pretrained(out / "final_adapter")
+    return trainer, curve_table(trainer.state.log_history)
+
+
+def tokens_per_char(tok, records) -> float:
+    """Answer tokens per answer character: how finely a tokenizer cuts this task's text."""
+    n_tok = sum(len(tok(r["output"], add_special_tokens=False)["input_ids"]) for r in records)
+    return n_tok / sum(len(r["output"]) for r in records)
+
+
+def finetune(p, train_records, eval_records, out: Path, model_name=None):
+    """Load a base model, add LoRA, fit; returns (model, tok, curve, summary). Used by 01 and 04."""
+    import time
+
+    from . import models
+
+    name = model_name or p.model
+    tok = models.load_tokenizer(name)
+    model = add_lora(models.load_model(name, p.quantization, p.compute_dtype, p.device), p)
+    trainable, total = trainable_params(model)
+    t = time.time()
+    trainer, curve = fit(model, tok, train_records, eval_records, p, out)
+    best = curve.loc[curve.eval_ppl.idxmin()]
+    steps = int(curve.step.max())
+    summary = {
+        "model": name, "zero_shot_ppl": float(curve.eval_ppl.iloc[0]), "best_ppl": float(best.eval_ppl),
+        "best_step": int(best.step), "final_ppl": float(curve.eval_ppl.iloc[-1]), "steps": steps,
+        "zero_shot_bits_per_char": float(curve.eval_bits_per_char.iloc[0]),
+        "best_bits_per_char": float(best.eval_bits_per_char),
+        "trainable_params": trainable, "total_params": total, "tokens_per_char": tokens_per_char(tok, eval_records),
+        "train_s": round(time.time() - t, 1),
+        "train_s_per_step": round(trainer.state.log_history[-1].get("train_runtime", float("nan")) / max(steps, 1), 2),
+        "n_train": len(train_records), "n_eval": len(eval_records),
+    }
+    return model, tok, curve.assign(model=name), summary
