@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from . import evaluate, prompts
@@ -183,6 +183,7 @@ def finetune(p, train_records, eval_records, out: Path, model_name=None):
 
     name = model_name or p.model
     tok = models.load_tokenizer(name)
+    set_seed(p.seed)  # LoRA's A matrices are drawn at wrap time, before the Trainer seeds anything
     model = add_lora(models.load_model(name, p.quantization, p.compute_dtype, p.device), p)
     trainable, total = trainable_params(model)
     t = time.time()
@@ -200,3 +201,28 @@ def finetune(p, train_records, eval_records, out: Path, model_name=None):
         "n_train": len(train_records), "n_eval": len(eval_records),
     }
     return model, tok, curve.assign(model=name), summary
+
+
+def main(argv=None):
+    """Headless training: python -m lib.train [PARAMS_YAML] [--out DIR] (01_finetune's parameters)."""
+    import argparse
+    import json
+
+    from . import data, params, resolve
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("params_file", nargs="?")
+    ap.add_argument("--out", help="output folder (default: <out_dir>/01_finetune)")
+    a = ap.parse_args(argv)
+    p = params.load(a.params_file)["01_finetune"]
+    out = Path(a.out) if a.out else resolve(p.out_dir) / "01_finetune"
+    tr = data.load_split(p.data_dir, "train", limit=p.train_limit)
+    ev = data.load_split(p.data_dir, p.eval_split, limit=p.eval_limit)
+    _, _, curve, summary = finetune(p, tr, ev, out)
+    curve.to_csv(out / "curve.csv", index=False)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from lib import data, evaluate, params, prompts, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_params(**kw):
+    base = dict(model="tiny-llama", micro_batch_size=4, grad_accum=1, max_steps=6, eval_steps=2,
+                save_steps=2, logging_steps=1, eval_limit=6, learning_rate=1e-2)
+    return params.FinetuneParams(**{**base, **kw})
+
+
+def test_labels_mask_matches_evaluator(tiny):
+    """Training labels score exactly the tokens the course metric scores, token by token."""
+    _, _, tok = tiny
+    recs = data.load_split("data/sample", "train", limit=8)
+    feats, cut = train.encode_examples(tok, recs, "course", 2048)
+    assert cut == 0
+    for r, f in zip(recs, feats):
+        e = evaluate.encode(tok, prompts.build(r["instruction"]), r["output"], 2048)
+        assert f["input_ids"] == e.input_ids
+        scored = [t for t, lab in zip(f["input_ids"], f["labels"]) if lab != train.IGNORE]
+        assert scored == e.input_ids[e.n_prompt:]
+        assert scored[-1] == tok.eos_token_id
+        assert tok.decode(scored[:-1]) == r["output"]
+
+
+def test_collator_pads_right_and_masks():
+    batch = train.PadCollator(0)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+                                  {"input_ids": [5], "labels": [5]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [5, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_qlora_trains_and_loss_falls(tmp_path):
+    """Through the real 4-bit path on CPU: LoRA only is trainable, the loss and eval ppl fall."""
+    p = tiny_params(max_steps=8, eval_steps=4, save_steps=4)
+    tr = data.load_split(p.data_dir, "train")
+    ev = data.load_split(p.data_dir, "public_test", limit=6)
+    model, _, curve, s = train.finetune(p, tr, ev, tmp_path)
+    assert any("Linear4bit" in type(m).__name__ for m in model.modules())
+    assert all("lora_" in n for n, x in model.named_parameters() if x.requires_grad)
+    assert 0 < s["trainable_params"] < s["total_params"]
+    assert curve.step.tolist() == [0, 4, 8]
+    assert curve.eval_ppl.iloc[-1] < 0.95 * curve.eval_ppl.iloc[0]
+    losses = curve.train_loss.dropna()
+    assert losses.iloc[-1] < losses.iloc[0]
+    assert s["best_step"] == 8 and (tmp_path / "best_adapter" / "adapter_config.json").exists()
+    assert sorted(x.name for x in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-8"]
+
+
+def test_bad_inputs_fail_before_training():
+    p = tiny_params(eval_steps=100)
+    ev = data.load_split("data/sample", "public_test", limit=2)
+    with pytest.raises(ValueError, match="eval_steps=100 is larger than the run"):
+        train.check_inputs(p, data.load_split("data/sample", "train"), ev)
+    with pytest.raises(ValueError, match="training set is empty"):
+        train.check_inputs(tiny_params(), [], ev)
+    priv = data.load_split("data/sample", "private_test", limit=2)
+    with pytest.raises(ValueError, match="without 'output'"):
+        train.check_inputs(tiny_params(), ev, priv)
+
+
+def _run(cfg: Path, out: Path, kill_after_step=None):
+    cmd = [sys.executable, "-u", "-m", "lib.train", str(cfg), "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if kill_after_step is not None and f"step {kill_after_step}: eval" in line:
+            proc.send_signal(signal.SIGKILL)  # a crash, not a polite stop
+            break
+    return proc.wait()
+
+
+def test_resume_after_kill_matches_uninterrupted(tmp_path):
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(yaml.safe_dump({"common": {"model": "tiny-llama", "eval_limit": 6}, "01_finetune": {
+        "micro_batch_size": 4, "grad_accum": 2, "max_steps": 16, "eval_steps": 2, "save_steps": 2,
+        "logging_steps": 1, "learning_rate": 0.01}}))
+    assert _run(cfg, tmp_path / "full") == 0
+    assert _run(cfg, tmp_path / "cut", kill_after_step=6) == -signal.SIGKILL
+    done = [int(c.name.split("-")[1]) for c in (tmp_path / "cut" / "checkpoints").iterdir()]
+    assert 4 <= max(done) < 16, done  # really killed mid-way
+    assert _run(cfg, tmp_path / "cut") == 0  # resumes from the last checkpoint
+    full = pd.read_csv(tmp_path / "full" / "curve.csv")
+    cut = pd.read_csv(tmp_path / "cut" / "curve.csv")
+    assert full.step.tolist() == cut.step.tolist() == list(range(0, 17, 2))
+    assert cut.eval_ppl.to_numpy() == pytest.approx(full.eval_ppl.to_numpy(), rel=1e-4)
+    assert cut.train_loss.to_numpy() == pytest.approx(full.train_loss.to_numpy(), rel=1e-4, nan_ok=True)
