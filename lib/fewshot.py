@@ -1,0 +1,90 @@
+"""In-context example selection (fixed / random / retrieved) and the k-shot sweep."""
+import random
+
+import pandas as pd
+
+from . import evaluate, prompts
+from .retrieval import BM25
+
+STRATEGIES = ("fixed", "random", "retrieved")
+
+
+class Selector:
+    """Picks k examples for a query by strategy; `random` is seeded per (seed, query)."""
+
+    def __init__(self, train_records):
+        self.train = train_records
+        self._bm25 = None
+        self._top = {}  # query id -> its most similar examples (most similar last), reused for every k
+
+    @property
+    def bm25(self):
+        if self._bm25 is None:  # built on first use: fixed/random sweeps never pay for it
+            self._bm25 = BM25(self.train)
+        return self._bm25
+
+    def examples(self, strategy, query, k, seed=0) -> list[dict]:
+        if k == 0:
+            return []
+        if strategy == "fixed":
+            if k > len(prompts.SEED_EXAMPLES):
+                raise ValueError(f"the fixed (seed) set has {len(prompts.SEED_EXAMPLES)} examples, k={k} asked")
+            return prompts.SEED_EXAMPLES[:k]
+        if strategy == "random":
+            rng = random.Random(f"{seed}/{query['id']}")
+            pool = [r for r in self.train if r["instruction"] != query["instruction"]]
+            return rng.sample(pool, k)
+        if strategy == "retrieved":
+            cached = self._top.get(query["id"], [])
+            if len(cached) < k:
+                cached = self._top[query["id"]] = self.bm25.top(query, max(k, 5))
+            return cached[-k:]
+        raise ValueError(f"unknown strategy {strategy!r}; known: {STRATEGIES}")
+
+
+def fit_prompt(tok, query, examples, template, max_length) -> tuple[str, int]:
+    """The prompt with as many examples as fit max_length with the answer; drops the farthest first.
+
+    Returns (prompt, examples dropped). The answer is never cut to make room for examples.
+    """
+    examples = list(examples)
+    for dropped in range(len(examples) + 1):
+        prompt = prompts.build(query["instruction"], template, examples[dropped:])
+        if dropped == len(examples) or not evaluate.encode(tok, prompt, query.get("output", ""), max_length).truncated:
+            return prompt, dropped
+    raise AssertionError("unreachable")
+
+
+def build_prompts(tok, selector, records, strategy, k, template, max_length, seed=0):
+    """Prompts for all records, and how many queries lost examples to max_length."""
+    built = [fit_prompt(tok, r, selector.examples(strategy, r, k, seed), template, max_length) for r in records]
+    return [b[0] for b in built], sum(b[1] > 0 for b in built)
+
+
+def sweep(model, tok, train_records, records, p) -> pd.DataFrame:
+    """Per-example perplexity for every (strategy, k, seed); k=0 is computed once and shared."""
+    selector, frames, zero = Selector(train_records), [], None
+    for strategy in p.strategies:
+        for k in p.shots:
+            if strategy == "fixed" and k > len(prompts.SEED_EXAMPLES):
+                print(f"skip fixed k={k}: the seed's fixed set has {len(prompts.SEED_EXAMPLES)} examples")
+                continue
+            for seed in (p.random_seeds if strategy == "random" else [0]):
+                if k == 0 and zero is not None:
+                    frames.append(zero.assign(strategy=strategy, seed=seed))
+                    continue
+                ps, affected = build_prompts(tok, selector, records, strategy, k, p.template, p.max_length, seed)
+                df = evaluate.score_records(model, tok, records, ps, p.eval_batch_size, p.max_length,
+                                            strategy=strategy, k=k, seed=seed, examples_dropped=affected)
+                print(f"{strategy:9s} k={k} seed={seed}: mean ppl {df.ppl.mean():.3f}"
+                      + (f" ({affected} queries dropped examples to fit max_length)" if affected else ""))
+                zero = df if k == 0 else zero
+                frames.append(df)
+    return pd.concat(frames, ignore_index=True)
+
+
+def table(per_example) -> pd.DataFrame:
+    """Mean perplexity per (strategy, k): mean and spread over seeds (the seed's table, per strategy)."""
+    runs = per_example.groupby(["strategy", "k", "seed"], sort=False).ppl.mean().rename("mean_ppl").reset_index()
+    out = runs.groupby(["strategy", "k"], sort=False).mean_ppl.agg(["mean", "std", "count"]).reset_index()
+    return out.rename(columns={"mean": "mean_ppl", "std": "std_over_seeds", "count": "seeds"}), runs
