@@ -161,7 +161,7 @@ def model_identity(model: str) -> dict:
     """Provenance of a model: its file hash when embedded or local, else the hub id."""
     if model in EMBEDDED:
         return {"model": model, "sha256": EMBEDDED[model].sha256, "source": list(EMBEDDED[model].packages)}
-    path = resolve(model)
+    path = _tiny_path() if model == "tiny-llama" else resolve(model)
     weights = sorted(path.glob("*.safetensors")) if path.is_dir() else []
     return {"model": model, "sha256": {w.name: sha256_file(w) for w in weights} or None, "source": str(path)}
 

@@ -63,12 +63,12 @@ class Common:
         self.check()
 
     def check(self):
-        from . import models, prompts
+        from . import models
 
         _choice("quantization", self.quantization, models.QUANTIZATIONS)
         _choice("compute_dtype", self.compute_dtype, models.DTYPES)
         _choice("eval_split", self.eval_split, ("train", "public_test"))
-        prompts.template(self.template)
+        _template(self.template)
         _positive(self, "max_length", "eval_batch_size")
         if self.eval_limit < 0:
             raise ParamsError("parameter 'eval_limit' must be >= 0 (0 = all)")
@@ -80,6 +80,15 @@ class Common:
 def _choice(name, value, allowed):
     if value not in allowed:
         raise ParamsError(f"parameter {name!r} must be one of {list(allowed)}, got {value!r}")
+
+
+def _template(name):
+    from . import prompts
+
+    try:
+        prompts.template(name)
+    except KeyError as e:
+        raise ParamsError(e.args[0]) from None
 
 
 def _positive(p, *names):
@@ -156,10 +165,8 @@ class ZeroshotParams(Common):
 
     def check(self):
         super().check()
-        from . import prompts
-
         for t in self.templates:
-            prompts.template(t)
+            _template(t)
 
 
 @dataclass

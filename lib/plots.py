@@ -13,6 +13,7 @@ def ppl_distributions(df, by="template"):
     ax.set_title("per-example perplexity; mean: " + ", ".join(f"{k} {v:.2f}" for k, v in means.items()))
     ax.set_ylabel("perplexity (log scale)")
     fig.tight_layout()
+    plt.close(fig)  # shown where the caller displays it, not again by the inline backend
     return fig
 
 
@@ -23,6 +24,7 @@ def learning_curves(curve, hue="model"):
     ax.set_ylabel("public-test mean perplexity")
     ax.set_xlabel("optimizer step")
     fig.tight_layout()
+    plt.close(fig)  # shown where the caller displays it, not again by the inline backend
     return fig
 
 
@@ -33,9 +35,11 @@ def fewshot_lines(df):
     ax.set_xlabel("in-context examples (k)")
     ax.set_ylabel("mean perplexity")
     fig.tight_layout()
+    plt.close(fig)  # shown where the caller displays it, not again by the inline backend
     return fig
 
 
 def save(fig, path):
+    """Write fig to path and return fig, so a cell can end with it and show it once."""
     fig.savefig(path, dpi=110)
-    return path
+    return fig

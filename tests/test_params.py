@@ -1,0 +1,85 @@
+import ast
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lib import params
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAM_FILES = sorted((ROOT / "params").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PARAM_FILES, ids=lambda p: p.name)
+def test_every_params_file_validates(path):
+    loaded = params.load(path)
+    assert set(loaded) == set(params.NOTEBOOKS)
+    raw = yaml.safe_load(path.read_text())
+    for section, values in raw.items():  # every key written in the file reaches its notebook
+        targets = params.NOTEBOOKS if section == "common" else [section]
+        for nb in targets:
+            for k, v in values.items():
+                if hasattr(loaded[nb], k):
+                    assert getattr(loaded[nb], k) == v, (nb, k)
+
+
+def _parameters_cell(nb_path):
+    nb = json.loads(nb_path.read_text())
+    cells = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(cells) == 1, f"{nb_path.name}: exactly one parameters cell"
+    tree = ast.parse("".join(cells[0]["source"]))
+    return {n.targets[0].id: ast.literal_eval(n.value) for n in tree.body}  # literals only
+
+
+@pytest.mark.parametrize("name", list(params.NOTEBOOKS))
+def test_notebook_parameters_cell_matches_default_yaml(name):
+    """The parameters cell holds literals only, one per dataclass field, equal to params/default.yaml."""
+    cell = _parameters_cell(ROOT / "notebooks" / f"{name}.ipynb")
+    assert cell == params.load()[name].to_dict()
+
+
+def test_notebooks_have_no_outputs():
+    for nb in (ROOT / "notebooks").glob("*.ipynb"):
+        for c in json.loads(nb.read_text())["cells"]:
+            assert not c.get("outputs"), f"{nb.name} is committed with outputs"
+
+
+def test_unknown_key_is_an_error_naming_it(tmp_path):
+    f = tmp_path / "x.yaml"
+    f.write_text("01_finetune:\n  lora_rr: 8\n")
+    with pytest.raises(params.ParamsError, match=r"unknown parameter\(s\) \['lora_rr'\]"):
+        params.load(f)
+    f.write_text("common:\n  modle: x\n")
+    with pytest.raises(params.ParamsError, match="modle"):
+        params.load(f)
+    f.write_text("02_zeroshoot:\n  templates: [course]\n")
+    with pytest.raises(params.ParamsError, match="02_zeroshoot"):
+        params.load(f)
+
+
+@pytest.mark.parametrize("yaml_text,msg", [
+    ("01_finetune:\n  lora_r: '64'\n", "'lora_r' must be int"),
+    ("01_finetune:\n  gradient_checkpointing: 1\n", "'gradient_checkpointing' must be bool"),
+    ("02_zeroshot:\n  templates: course\n", "'templates' must be list"),
+    ("common:\n  quantization: int8\n", "'quantization' must be one of"),
+    ("common:\n  template: fancy\n", "unknown prompt template 'fancy'"),
+    ("03_fewshot_sweep:\n  strategies: [best]\n", "must be one of"),
+])
+def test_mistyped_values_are_errors(tmp_path, yaml_text, msg):
+    f = tmp_path / "x.yaml"
+    f.write_text(yaml_text)
+    with pytest.raises(params.ParamsError, match=msg):
+        params.load(f)
+
+
+def test_floats_accept_ints():
+    assert params.FinetuneParams(learning_rate=1, epochs=2).learning_rate == 1
+
+
+def test_from_notebook_rejects_injected_typo():
+    ns = {**params.ZeroshotParams().to_dict(), "templtes": ["course"], "In": [], "_": None, "json": json}
+    with pytest.raises(params.ParamsError, match="templtes"):
+        params.from_notebook(params.ZeroshotParams, ns)
+    del ns["templtes"]
+    assert params.from_notebook(params.ZeroshotParams, ns).templates == ["course", "instructive"]
