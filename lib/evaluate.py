@@ -67,9 +67,24 @@ def _parts(model):
     return base.get_decoder(), base.get_output_embeddings(), getattr(base.config, "final_logit_softcapping", None)
 
 
-def _batch_nll(model, encs, pad_id, dev):
-    """Summed NLL of each sequence's answer tokens; the LM head runs only where a token is scored."""
+def token_nll(model, ids, attn, score):
+    """NLL of each scored next token: position t (score[b, t] True) predicting ids[b, t+1].
+
+    Returns (losses [N], row index of each [N]). Runs the decoder, then the LM head only on scored
+    positions: exact, and the prompt's full-vocabulary logits (262k wide for Gemma) never exist.
+    Training uses it too, so the training loss and the metric score the same tokens the same way.
+    """
     decoder, head, cap = _parts(model)
+    hidden = decoder(input_ids=ids, attention_mask=attn).last_hidden_state
+    logits = head(hidden[score]).float()
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    targets = ids[:, 1:][score[:, :-1]]
+    return F.cross_entropy(logits, targets, reduction="none"), score.nonzero()[:, 0]
+
+
+def _batch_nll(model, encs, pad_id, dev):
+    """Summed NLL of each sequence's answer tokens (right-padded batch)."""
     width = max(len(e.input_ids) for e in encs)
     ids = torch.full((len(encs), width), pad_id, dtype=torch.long)
     attn = torch.zeros_like(ids)
@@ -79,15 +94,7 @@ def _batch_nll(model, encs, pad_id, dev):
         ids[i, :n] = torch.tensor(e.input_ids)
         attn[i, :n] = 1
         score[i, e.n_prompt - 1:n - 1] = True
-    ids, attn, score = ids.to(dev), attn.to(dev), score.to(dev)
-    hidden = decoder(input_ids=ids, attention_mask=attn).last_hidden_state
-    # Skipping the vocabulary projection on prompt tokens is exact and saves most of the head's work.
-    logits = head(hidden[score]).float()
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    targets = ids[:, 1:][score[:, :-1]]
-    losses = F.cross_entropy(logits, targets, reduction="none")
-    row = score.nonzero()[:, 0]
+    losses, row = token_nll(model, ids.to(dev), attn.to(dev), score.to(dev))
     return torch.zeros(len(encs), device=dev).index_add_(0, row, losses).tolist()
 
 

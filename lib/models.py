@@ -154,7 +154,11 @@ def model_path(model: str) -> str:
     if model == "tiny-llama":
         return str(_tiny_path())
     local = resolve(model)
-    return str(local) if local.exists() else model  # a hub id, for users with the hub
+    if local.exists():
+        return str(local)
+    if model.startswith(("/", "./", "../", "~")) or model.count("/") > 1:
+        raise ModelError(f"model folder {local} does not exist (and {model!r} is no hub id)")
+    return model  # a hub id ("org/name"), for users with the hub
 
 
 def model_identity(model: str) -> dict:

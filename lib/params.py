@@ -122,6 +122,8 @@ class TrainParams(Common):
     save_steps: int = 100
     logging_steps: int = 10
     resume: bool = True  # continue from the last checkpoint in out_dir if there is one
+    answer_loss: bool = True  # LM head only on answer tokens: same loss, no prompt logits (big vocabularies)
+    group_by_length: bool = False  # batches of similar length pad less (speed); False keeps the seed's order
 
     def check(self):
         super().check()

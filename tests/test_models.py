@@ -32,9 +32,9 @@ def test_corrupt_download_is_an_error_and_leaves_no_file(tmp_path, monkeypatch):
     assert path.read_bytes() == good  # chunks joined in order
 
 
-def test_unknown_model_path_is_a_clear_error():
-    with pytest.raises(models.ModelError, match="cannot load model 'no/such-model-here'"):
-        models.load_model("no/such-model-here", "none")
+def test_missing_model_folder_is_a_clear_error():
+    with pytest.raises(models.ModelError, match="does not exist"):
+        models.load_model("./no/such-model-here", "none")
 
 
 def test_bad_loading_options():

@@ -97,3 +97,15 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
     assert full.step.tolist() == cut.step.tolist() == list(range(0, 17, 2))
     assert cut.eval_ppl.to_numpy() == pytest.approx(full.eval_ppl.to_numpy(), rel=1e-4)
     assert cut.train_loss.to_numpy() == pytest.approx(full.train_loss.to_numpy(), rel=1e-4, nan_ok=True)
+
+
+def test_answer_loss_equals_model_loss(tiny):
+    """The answer-only LM head gives the model's own loss on the same labels (to float precision)."""
+    model, _, tok = tiny
+    recs = data.load_split("data/sample", "train", limit=5)
+    feats, _ = train.encode_examples(tok, recs, "course", 2048)
+    batch = train.PadCollator(tok.pad_token_id)(feats)
+    with torch.no_grad():
+        hf = model(**batch).loss
+        ours = train.AnswerLossTrainer.compute_loss(None, model, batch)
+    assert ours.item() == pytest.approx(hf.item(), rel=1e-5)
