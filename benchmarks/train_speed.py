@@ -99,8 +99,9 @@ def run(mode, model_dir, feats, tok, a):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--config", required=True, help="architecture config.json (random weights)")
-    ap.add_argument("--tokenizer", required=True, help="tokenizer folder for the course data")
+    ap.add_argument("--model", help="a model name/path with real weights (instead of --config)")
+    ap.add_argument("--config", help="architecture config.json (random weights)")
+    ap.add_argument("--tokenizer", help="tokenizer folder for the course data (default: the model's)")
     ap.add_argument("--vocab", type=int, default=0, help="fold token ids into this vocabulary (proxy tokenizer)")
     ap.add_argument("--data-dir", default="data/raw")
     ap.add_argument("--records", type=int, default=2000)
@@ -114,14 +115,17 @@ def main():
     a = ap.parse_args()
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(a.tokenizer)
+    tok = AutoTokenizer.from_pretrained(a.tokenizer) if a.tokenizer else models.load_tokenizer(a.model)
     feats = features(tok, a)
-    model_dir = random_model(a.config, Path(a.work) / ("model-" + Path(a.config).stem))
+    if a.model:
+        model_dir = models.model_path(a.model)
+    else:
+        model_dir = random_model(a.config, Path(a.work) / ("model-" + Path(a.config).stem))
     rows = [run(m, model_dir, feats, tok, a) for m in a.modes.split(",")]
     base = rows[0]
     for r in rows:
         r["speedup"] = round(r["tokens_per_s"] / base["tokens_per_s"], 2)
-    print(json.dumps({"device": torch.cuda.get_device_name(0), "config": a.config,
+    print(json.dumps({"device": torch.cuda.get_device_name(0), "model": a.model or a.config,
                       "micro_batch": a.micro_batch, "grad_accum": a.grad_accum, "rows": rows}, indent=1))
 
 

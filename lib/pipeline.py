@@ -34,8 +34,19 @@ def new_run_dir(run: str) -> Path:
     return d
 
 
-def export_html(executed: Path) -> Path:
-    """A self-contained HTML of an executed notebook, code hidden, figures embedded."""
+def export_html(executed: Path) -> Path | None:
+    """A self-contained HTML of an executed notebook, code hidden, figures embedded.
+
+    A failed export only warns: the executed notebook and its results are what matter, and are kept.
+    """
+    try:
+        return _export_html(executed)
+    except Exception as e:  # nbconvert templates missing, etc.
+        print(f"warning: HTML export of {executed.name} failed: {e}", file=sys.stderr)
+        return None
+
+
+def _export_html(executed: Path) -> Path:
     import nbformat
     from nbconvert import HTMLExporter
 
