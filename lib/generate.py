@@ -27,6 +27,9 @@ def decoding_kwargs(g) -> dict:
 @torch.inference_mode()
 def generate(model, tok, prompts, g, progress=True) -> list[str]:
     """One answer per prompt; the prompt is [BOS] + tok(prompt), exactly as the metric conditions it."""
+    # Right after training the model is in train mode with gradient checkpointing, under which the
+    # layers silently drop the KV cache: generate() would then feed one token with no past each step.
+    model.eval()
     dev = next(model.parameters()).device
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
     encoded = [bos + tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -40,6 +43,8 @@ def generate(model, tok, prompts, g, progress=True) -> list[str]:
                              eos_token_id=tok.eos_token_id, **decoding_kwargs(g))
         for i, row in zip(batch, out[:, ids.shape[1]:]):
             answers[i] = tok.decode(row, skip_special_tokens=True).strip()
+    if g.first_line_only:
+        answers = [a.split("\n", 1)[0].strip() for a in answers]
     return answers
 
 

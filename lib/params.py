@@ -148,6 +148,7 @@ class GenerateParams:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     gen_batch_size: int = 16
+    first_line_only: bool = True  # answers are one line; a model given examples goes on with the next one
 
 
 @dataclass
