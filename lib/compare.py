@@ -12,7 +12,8 @@ def run_models(p, train_records, eval_records, out):
     rows, curves = [], []
     for name in p.models:
         print(f"--- {name} ---", flush=True)
-        model, _, curve, summary = train.finetune(p, train_records, eval_records, out / _safe(name), model_name=name)
+        run = train.finetune if p.num_processes == 1 else train.finetune_distributed  # DDP via accelerate
+        model, _, curve, summary = run(p, train_records, eval_records, out / _safe(name), model_name=name)
         rows.append(summary)
         curves.append(curve)
         del model  # two 7B models don't fit together; free before the next

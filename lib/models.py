@@ -192,7 +192,10 @@ def device_for(device: str) -> str:
     import torch
 
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if not torch.cuda.is_available():
+            return "cpu"
+        # under accelerate launch each process owns the GPU of its local rank
+        return f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     return device
 
 

@@ -122,18 +122,21 @@ class TrainParams(Common):
     save_steps: int = 100
     logging_steps: int = 10
     resume: bool = True  # continue from the last checkpoint in out_dir if there is one
+    num_processes: int = 1  # data-parallel processes (GPUs) via accelerate launch; grad_accum is split across them
     answer_loss: bool = True  # LM head only on answer tokens: same loss, no prompt logits (big vocabularies)
     group_by_length: bool = False  # batches of similar length pad less (speed); False keeps the seed's order
 
     def check(self):
         super().check()
-        _positive(self, "lora_r", "lora_alpha", "micro_batch_size", "grad_accum", "eval_steps",
+        _positive(self, "lora_r", "lora_alpha", "micro_batch_size", "grad_accum", "eval_steps", "num_processes",
                   "save_steps", "logging_steps", "learning_rate")
         _choice("lr_scheduler", self.lr_scheduler, ("constant", "constant_with_warmup", "linear", "cosine"))
         if not 0 <= self.lora_dropout < 1 or not 0 <= self.warmup_ratio < 1:
             raise ParamsError("lora_dropout and warmup_ratio must be in [0, 1)")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise ParamsError("set epochs > 0 or max_steps > 0")
+        if self.grad_accum % self.num_processes:
+            raise ParamsError(f"grad_accum={self.grad_accum} must be divisible by num_processes={self.num_processes}")
 
 
 @dataclass

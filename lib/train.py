@@ -68,10 +68,10 @@ def trainable_params(model) -> tuple[int, int]:
 
 
 def planned_steps(p, n_train) -> int:
-    """Optimizer steps the run will take."""
+    """Optimizer steps the run will take (the same on 1 or N processes: the effective batch is fixed)."""
     if p.max_steps > 0:
         return p.max_steps
-    per_epoch = math.ceil(math.ceil(n_train / p.micro_batch_size) / p.grad_accum)
+    per_epoch = math.ceil(n_train / (p.micro_batch_size * p.grad_accum))
     return math.ceil(per_epoch * p.epochs)
 
 
@@ -112,13 +112,14 @@ class CurveCallback(TrainerCallback):
         print(f"step {state.global_step}: eval ppl {row['eval_ppl']:.3f}", flush=True)
 
     def on_train_begin(self, args, state, control, model=None, **kw):
-        if state.global_step == 0:
+        if state.global_step == 0 and state.is_world_process_zero:
             self._evaluate(model, state)
 
     def on_step_end(self, args, state, control, model=None, **kw):
+        if not state.is_world_process_zero:  # other ranks wait at the next gradient all-reduce
+            return
         if state.global_step % self.p.eval_steps == 0 or state.global_step == state.max_steps:
             self._evaluate(model, state)
-            control.should_save = control.should_save or state.global_step % self.p.save_steps == 0
 
 
 class AnswerLossTrainer(Trainer):
@@ -142,16 +143,24 @@ def training_args(p, out: Path, n_train: int) -> TrainingArguments:
     bf16 = p.compute_dtype == "bfloat16"
     return TrainingArguments(
         output_dir=str(out / "checkpoints"), per_device_train_batch_size=p.micro_batch_size,
-        gradient_accumulation_steps=p.grad_accum, max_steps=planned_steps(p, n_train),
+        gradient_accumulation_steps=p.grad_accum // world_size(), max_steps=planned_steps(p, n_train),
         learning_rate=p.learning_rate, lr_scheduler_type=p.lr_scheduler, warmup_steps=p.warmup_ratio,
         max_grad_norm=p.max_grad_norm, weight_decay=p.weight_decay, optim="adamw_torch",
         logging_steps=p.logging_steps, save_strategy="steps", save_steps=p.save_steps,
         eval_strategy="no", report_to="none", seed=p.seed, data_seed=p.seed, bf16=bf16,
         use_cpu=(evaluate_device(p) == "cpu"), remove_unused_columns=False,
         dataloader_num_workers=0, disable_tqdm=False, save_only_model=False,
+        ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient; the search costs a pass
         train_sampling_strategy="group_by_length" if p.group_by_length else "random",
         # gradient checkpointing is set up by add_lora (peft's kbit preparation)
     )
+
+
+def world_size() -> int:
+    """Processes in this data-parallel run (1 unless started by accelerate launch)."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", 1))
 
 
 def evaluate_device(p) -> str:
@@ -184,6 +193,8 @@ def fit(model, tok, train_records, eval_records, p, out: Path):
     if last:
         print(f"resuming from {last}", flush=True)
     trainer.train(resume_from_checkpoint=last)
+    if not trainer.is_world_process_zero():  # evaluation, curve and files live on the main process
+        return trainer, None
     model.save_pretrained(out / "final_adapter")
     return trainer, curve_table(trainer.state.log_history)
 
@@ -207,6 +218,8 @@ def finetune(p, train_records, eval_records, out: Path, model_name=None):
     trainable, total = trainable_params(model)
     t = time.time()
     trainer, curve = fit(model, tok, train_records, eval_records, p, out)
+    if curve is None:
+        return model, tok, None, None
     best = curve.loc[curve.eval_ppl.idxmin()]
     steps = int(curve.step.max())
     summary = {
@@ -220,6 +233,36 @@ def finetune(p, train_records, eval_records, out: Path, model_name=None):
         "n_train": len(train_records), "n_eval": len(eval_records),
     }
     return model, tok, curve.assign(model=name), summary
+
+
+def finetune_distributed(p, train_records, eval_records, out: Path, model_name=None):
+    """finetune() on p.num_processes data-parallel processes (accelerate launch); same return value.
+
+    The processes read the same params (written to out/params.yaml) and data; afterwards the final
+    adapter is loaded here for predictions.
+    """
+    import json
+
+    import yaml
+    from peft import PeftModel
+
+    from . import launch, models
+
+    from dataclasses import fields
+
+    from .params import FinetuneParams
+
+    out.mkdir(parents=True, exist_ok=True)
+    keys = {f.name for f in fields(FinetuneParams)}  # 04's params carry `models`, which lib.train lacks
+    values = {k: v for k, v in p.to_dict().items() if k in keys} | {"model": model_name or p.model}
+    cfg = out / "params.yaml"
+    cfg.write_text(yaml.safe_dump({"01_finetune": values}, allow_unicode=True))
+    launch.run(cfg, out, p.num_processes, cpu=evaluate_device(p) == "cpu")
+    curve = pd.read_csv(out / "curve.csv")
+    summary = json.loads((out / "summary.json").read_text())
+    tok = models.load_tokenizer(values["model"])
+    base = models.load_model(values["model"], p.quantization, p.compute_dtype, p.device)
+    return PeftModel.from_pretrained(base, out / "final_adapter"), tok, curve.assign(model=values["model"]), summary
 
 
 def main(argv=None):
@@ -238,6 +281,9 @@ def main(argv=None):
     tr = data.load_split(p.data_dir, "train", limit=p.train_limit)
     ev = data.load_split(p.data_dir, p.eval_split, limit=p.eval_limit)
     _, _, curve, summary = finetune(p, tr, ev, out)
+    if summary is None:  # not the main process
+        return
+    summary["num_processes"] = world_size()
     curve.to_csv(out / "curve.csv", index=False)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary))

@@ -1,0 +1,43 @@
+"""Data-parallel fine-tuning through `accelerate launch` (DDP), driven by the same params.
+
+One process per GPU (gloo on CPU for tests); the HF Trainer picks the process group up from the
+environment accelerate sets. The effective batch stays the single-GPU recipe's:
+micro_batch_size x grad_accum, with grad_accum split across the processes.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from . import ROOT
+
+
+def per_process_accum(grad_accum: int, num_processes: int) -> int:
+    """Gradient-accumulation steps per process that keep the effective batch unchanged."""
+    if grad_accum % num_processes:
+        raise ValueError(f"grad_accum={grad_accum} is not divisible by num_processes={num_processes}: "
+                         "the effective batch would change")
+    return grad_accum // num_processes
+
+
+def command(params_file, out, num_processes: int, cpu: bool = False, port: int = 29500) -> list[str]:
+    """The `accelerate launch` command line for N processes on this host running lib.train."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
+           "--num_machines", "1", "--mixed_precision", "no", "--main_process_port", str(port),
+           "--dynamo_backend", "no"]
+    cmd += ["--cpu"] if cpu else (["--multi_gpu"] if num_processes > 1 else [])
+    return cmd + ["-m", "lib.train", str(params_file), "--out", str(out)]
+
+
+def environment() -> dict:
+    """The launch environment: NVLink multicast stays off (it can take a shared host's GPUs down)."""
+    return {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+            "NVSHMEM_DISABLE_NVLS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run(params_file, out, num_processes: int, cpu: bool = False, port: int = 29500) -> Path:
+    """Launch and wait; raises with the exit code if any process failed."""
+    rc = subprocess.run(command(params_file, out, num_processes, cpu, port), cwd=ROOT, env=environment()).returncode
+    if rc:
+        raise RuntimeError(f"accelerate launch with {num_processes} processes failed (exit {rc})")
+    return Path(out)
