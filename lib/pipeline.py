@@ -76,7 +76,7 @@ def run(params_file=None, only=None, run_dir=None) -> Path:
     bad = sorted(set(names) - set(params.NOTEBOOKS))
     if bad:
         raise params.ParamsError(f"unknown notebook(s) {bad}; known: {list(params.NOTEBOOKS)}")
-    run_dir = Path(run_dir) if run_dir else new_run_dir(all_params[names[0]].run)
+    run_dir = resolve(run_dir) if run_dir else new_run_dir(all_params[names[0]].run)
     run_dir.mkdir(parents=True, exist_ok=True)
     print(f"run folder: {run_dir}", flush=True)
     for i, name in enumerate(names, 1):

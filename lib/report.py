@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import results
+from . import resolve, results
 
 SECTIONS = {"01_finetune": "QLoRA fine-tuning", "02_zeroshot": "zero-shot prompts",
             "03_fewshot_sweep": "few-shot sweep", "04_plm_compare": "PLM comparison"}
@@ -26,9 +26,9 @@ class Missing(Exception):
 
 def load_all(run_dir) -> dict:
     """{section: (results.json, tables) or Missing} for every section of a run folder."""
-    out = {}
+    out, run_dir = {}, resolve(run_dir)  # relative to the project root, as every params path
     for name in SECTIONS:
-        folder = Path(run_dir) / name
+        folder = run_dir / name
         if (folder / "results.json").exists():
             out[name] = results.load(folder)
         else:
