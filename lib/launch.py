@@ -21,11 +21,17 @@ def per_process_accum(grad_accum: int, num_processes: int) -> int:
 
 
 def command(params_file, out, num_processes: int, cpu: bool = False, port: int = 29500) -> list[str]:
-    """The `accelerate launch` command line for N processes on this host running lib.train."""
+    """The `accelerate launch` command line for N processes on this host running lib.train.
+
+    cpu=True hides the GPUs (tests); accelerate refuses --cpu together with --multi_gpu.
+    """
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
            "--num_machines", "1", "--mixed_precision", "no", "--main_process_port", str(port),
            "--dynamo_backend", "no"]
-    cmd += ["--cpu"] if cpu else (["--multi_gpu"] if num_processes > 1 else [])
+    if num_processes > 1:  # --multi_gpu is accelerate's torchrun path; without CUDA it runs on gloo
+        cmd += ["--multi_gpu"]
+    elif cpu:
+        cmd += ["--cpu"]
     return cmd + ["-m", "lib.train", str(params_file), "--out", str(out)]
 
 
@@ -37,7 +43,8 @@ def environment() -> dict:
 
 def run(params_file, out, num_processes: int, cpu: bool = False, port: int = 29500) -> Path:
     """Launch and wait; raises with the exit code if any process failed."""
-    rc = subprocess.run(command(params_file, out, num_processes, cpu, port), cwd=ROOT, env=environment()).returncode
+    env = environment() | ({"CUDA_VISIBLE_DEVICES": ""} if cpu else {})
+    rc = subprocess.run(command(params_file, out, num_processes, cpu, port), cwd=ROOT, env=env).returncode
     if rc:
         raise RuntimeError(f"accelerate launch with {num_processes} processes failed (exit {rc})")
     return Path(out)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -90,7 +91,9 @@ class CurveCallback(TrainerCallback):
     """Course-metric perplexity on the eval set every eval_steps (and at steps 0 and last).
 
     Rows go into state.log_history, which checkpoints carry, so a resumed run keeps its curve. A new
-    best is saved as best_adapter/.
+    best is saved as best_adapter/. Under DDP every process runs the same evaluation: their Trainer
+    states stay identical (an evaluation on rank 0 alone hung the next checkpoint save in a 2-process
+    run), and the main process alone writes files.
     """
 
     def __init__(self, tok, eval_records, p, out: Path):
@@ -108,32 +111,37 @@ class CurveCallback(TrainerCallback):
         state.log_history.append(row)
         if state.best_metric is None or row["eval_ppl"] < state.best_metric:
             state.best_metric, state.best_global_step = row["eval_ppl"], state.global_step
-            model.save_pretrained(self.out / "best_adapter")
-        print(f"step {state.global_step}: eval ppl {row['eval_ppl']:.3f}", flush=True)
+            if state.is_world_process_zero:
+                model.save_pretrained(self.out / "best_adapter")
+        if state.is_world_process_zero:
+            print(f"step {state.global_step}: eval ppl {row['eval_ppl']:.3f}", flush=True)
 
     def on_train_begin(self, args, state, control, model=None, **kw):
-        if state.global_step == 0 and state.is_world_process_zero:
+        if state.global_step == 0:
             self._evaluate(model, state)
 
     def on_step_end(self, args, state, control, model=None, **kw):
-        if not state.is_world_process_zero:  # other ranks wait at the next gradient all-reduce
-            return
         if state.global_step % self.p.eval_steps == 0 or state.global_step == state.max_steps:
             self._evaluate(model, state)
 
 
 class AnswerLossTrainer(Trainer):
-    """Trainer whose loss runs the LM head only on answer tokens (evaluate.token_nll).
+    """Trainer whose loss needs logits only from the first answer position on.
 
-    Same value as the model's own loss on these labels, without the full-vocabulary logits of every
-    prompt token: less memory and time, most of all for large vocabularies.
+    Same value as the model's own loss on these labels, without the full-vocabulary logits of the
+    prompt (the system prompt alone is ~50 tokens x 262k logits for Gemma). It goes through the
+    model's forward (`logits_to_keep`), so DDP's gradient hooks see it like any forward.
     """
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels = inputs["labels"]
-        score = torch.zeros_like(labels, dtype=torch.bool)
-        score[:, :-1] = labels[:, 1:] != IGNORE  # position t predicts label t+1
-        losses, _ = evaluate.token_nll(model, inputs["input_ids"], inputs["attention_mask"], score)
+        targets = inputs["labels"][:, 1:]
+        scored = targets != IGNORE  # logits at t predict label t+1
+        first = int(scored.any(0).nonzero()[0, 0])
+        keep = torch.arange(first, targets.shape[1], device=targets.device)
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                       logits_to_keep=keep).logits
+        sel = scored[:, first:]
+        losses = F.cross_entropy(logits[sel].float(), targets[:, first:][sel], reduction="none")
         # a sum over the items of all accumulated micro-batches, as HF does: exact token mean per step
         loss = losses.sum() / (num_items_in_batch if num_items_in_batch is not None else losses.numel())
         return (loss, None) if return_outputs else loss

@@ -12,7 +12,7 @@ def test_launch_command_for_n_processes(tmp_path):
     i = cmd.index("--num_processes")
     assert cmd[i + 1] == "4" and "--multi_gpu" in cmd and "--cpu" not in cmd
     assert cmd[-5:] == ["-m", "lib.train", "p.yaml", "--out", str(tmp_path)]
-    assert "--cpu" in launch.command("p.yaml", tmp_path, 2, cpu=True)
+    assert "--cpu" in launch.command("p.yaml", tmp_path, 1, cpu=True)
     assert "--multi_gpu" not in launch.command("p.yaml", tmp_path, 1)
     env = launch.environment()
     assert env["NCCL_NVLS_ENABLE"] == "0" and env["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1"
