@@ -73,11 +73,13 @@ def features(tok, a):
 
 
 def run(mode, model_dir, feats, tok, a):
-    project = mode == "project"
+    """mode: baseline, project, or project-nogc (no gradient checkpointing: small models fit without)."""
+    project = mode.startswith("project")
     p = params.TrainParams(model=str(model_dir), compute_dtype="bfloat16" if project else "float32",
                            micro_batch_size=a.micro_batch, grad_accum=a.grad_accum, max_steps=a.steps,
                            logging_steps=1, save_steps=10 ** 6, eval_steps=1, answer_loss=project,
-                           group_by_length=project, lr_scheduler="constant", seed=0)
+                           group_by_length=project, lr_scheduler="constant", seed=0,
+                           gradient_checkpointing=mode != "project-nogc")
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     model = train.add_lora(models.load_model(p.model, "nf4", p.compute_dtype, "cuda"), p)
@@ -112,6 +114,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--modes", default="baseline,project")
     ap.add_argument("--work", default="/tmp/train_speed")
+    ap.add_argument("--json", help="also write the full result (loss curves included) here")
     a = ap.parse_args()
     from transformers import AutoTokenizer
 
@@ -125,8 +128,14 @@ def main():
     base = rows[0]
     for r in rows:
         r["speedup"] = round(r["tokens_per_s"] / base["tokens_per_s"], 2)
-    print(json.dumps({"device": torch.cuda.get_device_name(0), "model": a.model or a.config,
-                      "micro_batch": a.micro_batch, "grad_accum": a.grad_accum, "rows": rows}, indent=1))
+    result = {"device": torch.cuda.get_device_name(0), "model": a.model or a.config,
+              "micro_batch": a.micro_batch, "grad_accum": a.grad_accum, "rows": rows}
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=1))
+    for r in rows:  # the loss curves are in the JSON; the table is what a reader wants first
+        tail = r["losses"][-10:]
+        print(f"{r['mode']:14s} {r['tokens_per_s']:>7d} tok/s  peak {r['peak_gib']:6.2f} GiB  "
+              f"{r['s_per_step']:.3f} s/step  x{r['speedup']:.2f}  mean loss last 10 steps {sum(tail) / len(tail):.3f}")
 
 
 if __name__ == "__main__":

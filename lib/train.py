@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -126,22 +125,21 @@ class CurveCallback(TrainerCallback):
 
 
 class AnswerLossTrainer(Trainer):
-    """Trainer whose loss needs logits only from the first answer position on.
+    """Trainer whose loss runs the LM head only on answer tokens (evaluate.token_nll).
 
-    Same value as the model's own loss on these labels, without the full-vocabulary logits of the
-    prompt (the system prompt alone is ~50 tokens x 262k logits for Gemma). It goes through the
-    model's forward (`logits_to_keep`), so DDP's gradient hooks see it like any forward.
+    Same value as the model's own loss on these labels, without the full-vocabulary logits of every
+    prompt token: less memory, most of all for large vocabularies (Gemma: 262k). Under DDP the
+    forward must go through the DDP wrapper for its gradient hooks, so there it falls back to the
+    model's own loss (equal value, more memory).
     """
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        targets = inputs["labels"][:, 1:]
-        scored = targets != IGNORE  # logits at t predict label t+1
-        first = int(scored.any(0).nonzero()[0, 0])
-        keep = torch.arange(first, targets.shape[1], device=targets.device)
-        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                       logits_to_keep=keep).logits
-        sel = scored[:, first:]
-        losses = F.cross_entropy(logits[sel].float(), targets[:, first:][sel], reduction="none")
+        if hasattr(model, "module"):  # wrapped by DDP
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs["labels"]
+        score = torch.zeros_like(labels, dtype=torch.bool)
+        score[:, :-1] = labels[:, 1:] != IGNORE  # position t predicts label t+1
+        losses, _ = evaluate.token_nll(model, inputs["input_ids"], inputs["attention_mask"], score)
         # a sum over the items of all accumulated micro-batches, as HF does: exact token mean per step
         loss = losses.sum() / (num_items_in_batch if num_items_in_batch is not None else losses.numel())
         return (loss, None) if return_outputs else loss
