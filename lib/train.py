@@ -98,8 +98,12 @@ class CurveCallback(TrainerCallback):
     def __init__(self, tok, eval_records, p, out: Path):
         self.tok, self.records, self.p, self.out = tok, eval_records, p, out
         self.prompts = [prompts.build(r["instruction"], p.template) for r in eval_records]
+        self.eval_s = 0.0  # time spent here, so seconds per step can leave it out
 
     def _evaluate(self, model, state):
+        import time
+
+        t = time.time()
         model.eval()
         df = evaluate.score_records(model, self.tok, self.records, self.prompts, self.p.eval_batch_size,
                                     self.p.max_length)
@@ -114,6 +118,7 @@ class CurveCallback(TrainerCallback):
                 model.save_pretrained(self.out / "best_adapter")
         if state.is_world_process_zero:
             print(f"step {state.global_step}: eval ppl {row['eval_ppl']:.3f}", flush=True)
+        self.eval_s += time.time() - t
 
     def on_train_begin(self, args, state, control, model=None, **kw):
         if state.global_step == 0:
@@ -205,6 +210,10 @@ def fit(model, tok, train_records, eval_records, p, out: Path):
     return trainer, curve_table(trainer.state.log_history)
 
 
+def _curve_callback(trainer) -> "CurveCallback":
+    return next(c for c in trainer.callback_handler.callbacks if isinstance(c, CurveCallback))
+
+
 def tokens_per_char(tok, records) -> float:
     """Answer tokens per answer character: how finely a tokenizer cuts this task's text."""
     n_tok = sum(len(tok(r["output"], add_special_tokens=False)["input_ids"]) for r in records)
@@ -235,7 +244,9 @@ def finetune(p, train_records, eval_records, out: Path, model_name=None):
         "best_bits_per_char": float(best.eval_bits_per_char),
         "trainable_params": trainable, "total_params": total, "tokens_per_char": tokens_per_char(tok, eval_records),
         "train_s": round(time.time() - t, 1),
-        "train_s_per_step": round(trainer.state.log_history[-1].get("train_runtime", float("nan")) / max(steps, 1), 2),
+        # optimizer steps only: the learning-curve evaluations inside the run are taken out
+        "train_s_per_step": round((trainer.state.log_history[-1].get("train_runtime", float("nan"))
+                                   - _curve_callback(trainer).eval_s) / max(steps, 1), 2),
         "n_train": len(train_records), "n_eval": len(eval_records),
     }
     return model, tok, curve.assign(model=name), summary
