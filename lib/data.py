@@ -38,17 +38,18 @@ def _read_json(path: Path):
 def _check_record(path, i, rec, need_output):
     if not isinstance(rec, dict):
         _fail(path, f"expected an object, got {type(rec).__name__}", i)
-    rid = rec.get("id")
-    fields = ("id", "instruction", "output") if need_output else ("id", "instruction")
-    for key in fields:
+    rid = rec.get("id") if isinstance(rec.get("id"), str) else None
+    required = ("id", "instruction", "output") if need_output else ("id", "instruction")
+    for key in required:
         if key not in rec:
-            _fail(path, f"missing field {key!r}", i, rid if isinstance(rid, str) else None)
+            _fail(path, f"missing field {key!r}", i, rid)
+    for key in ("id", "instruction", "output"):  # an optional output must still be valid text
+        if key not in rec:
+            continue
         if not isinstance(rec[key], str):
-            _fail(path, f"field {key!r} must be a string, got {type(rec[key]).__name__}", i, None)
+            _fail(path, f"field {key!r} must be a string, got {type(rec[key]).__name__}", i, rid)
         if not rec[key].strip():
             _fail(path, f"field {key!r} is empty", i, rid)
-    if "output" in rec and not isinstance(rec["output"], str):
-        _fail(path, f"field 'output' must be a string, got {type(rec['output']).__name__}", i, rid)
 
 
 def load_records(path, need_output=False) -> list[dict]:

@@ -29,7 +29,8 @@ def test_sample_loads_with_directions():
     ([GOOD, "x"], None, "record 1: expected an object"),
     ([{"id": "a", "output": "x"}], None, "record 0 (id 'a'): missing field 'instruction'"),
     ([dict(GOOD, output="  ")], None, "record 0 (id 'a'): field 'output' is empty"),
-    ([dict(GOOD, output=3)], None, "record 0: field 'output' must be a string, got int"),
+    ([dict(GOOD, output=3)], None, "record 0 (id 'a'): field 'output' must be a string, got int"),
+    ([dict(GOOD, id=7)], None, "record 0: field 'id' must be a string, got int"),
     ([GOOD, dict(GOOD)], None, "record 1 (id 'a'): duplicate id (first at record 0)"),
 ])
 def test_bad_input_names_file_and_record(tmp_path, obj, raw, msg):
