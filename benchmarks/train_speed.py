@@ -21,14 +21,16 @@ from transformers import Trainer, TrainerCallback
 from lib import data, models, params, train
 
 
-class CountingCollator(train.PadCollator):
-    """PadCollator that counts the real tokens it hands out."""
+class Counting:
+    """Wraps a collator and counts the real (non-pad) tokens it hands out."""
 
-    tokens = 0
+    def __init__(self, inner):
+        self.inner, self.tokens = inner, 0
 
     def __call__(self, feats):
-        batch = super().__call__(feats)
-        self.tokens += int(batch["attention_mask"].sum())
+        batch = self.inner(feats)
+        mask = batch.get("attention_mask")
+        self.tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
         return batch
 
 
@@ -73,17 +75,17 @@ def features(tok, a):
 
 
 def run(mode, model_dir, feats, tok, a):
-    """mode: baseline, project, or project-nogc (no gradient checkpointing: small models fit without)."""
+    """mode: baseline or project, the latter with -pack (padding-free rows) and/or -nogc (no checkpointing)."""
     project = mode.startswith("project")
     p = params.TrainParams(model=str(model_dir), compute_dtype="bfloat16" if project else "float32",
                            micro_batch_size=a.micro_batch, grad_accum=a.grad_accum, max_steps=a.steps,
                            logging_steps=1, save_steps=10 ** 6, eval_steps=1, answer_loss=project,
                            group_by_length=project, lr_scheduler="constant", seed=0,
-                           gradient_checkpointing=mode != "project-nogc")
+                           gradient_checkpointing="nogc" not in mode, packing="pack" in mode)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     model = train.add_lora(models.load_model(p.model, "nf4", p.compute_dtype, "cuda"), p)
-    collator = CountingCollator(tok.pad_token_id or 0)
+    collator = Counting(train.PackCollator() if p.packing else train.PadCollator(tok.pad_token_id or 0))
     clock = Clock(collator, a.warmup)
     out = Path(a.work) / mode
     args = train.training_args(p, out, len(feats))

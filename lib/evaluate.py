@@ -67,15 +67,17 @@ def _parts(model):
     return base.get_decoder(), base.get_output_embeddings(), getattr(base.config, "final_logit_softcapping", None)
 
 
-def token_nll(model, ids, attn, score):
+def token_nll(model, ids, attn, score, position_ids=None):
     """NLL of each scored next token: position t (score[b, t] True) predicting ids[b, t+1].
 
     Returns (losses [N], row index of each [N]). Runs the decoder, then the LM head only on scored
     positions: exact, and the prompt's full-vocabulary logits (262k wide for Gemma) never exist.
     Training uses it too, so the training loss and the metric score the same tokens the same way.
+    Packed rows pass attn=None and position_ids restarting at 0 for each sequence (transformers then
+    builds a block-diagonal causal mask).
     """
     decoder, head, cap = _parts(model)
-    hidden = decoder(input_ids=ids, attention_mask=attn).last_hidden_state
+    hidden = decoder(input_ids=ids, attention_mask=attn, position_ids=position_ids, use_cache=False).last_hidden_state
     logits = head(hidden[score]).float()
     if cap:
         logits = torch.tanh(logits / cap) * cap

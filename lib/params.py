@@ -124,6 +124,7 @@ class TrainParams(Common):
     resume: bool = True  # continue from the last checkpoint in out_dir if there is one
     num_processes: int = 1  # data-parallel processes (GPUs) via accelerate launch; grad_accum is split across them
     answer_loss: bool = True  # LM head only on answer tokens: same loss, no prompt logits (big vocabularies)
+    packing: bool = False  # micro-batch as one padding-free row (same per-example loss, no pad tokens)
     group_by_length: bool = False  # batches of similar length pad less (speed); False keeps the seed's order
 
     def check(self):

@@ -44,6 +44,21 @@ class PadCollator:
         return {"input_ids": ids, "labels": labels, "attention_mask": attn}
 
 
+class PackCollator:
+    """Padding-free: the micro-batch's sequences concatenated into one row, positions restarting at 0.
+
+    No attention mask: transformers reads the sequence boundaries from position_ids and attends only
+    within each sequence, so every example's loss is what it is alone (tested). Each sequence starts
+    with BOS, whose label is IGNORE, so no token is trained to predict the next example.
+    """
+
+    def __call__(self, feats):
+        ids = torch.tensor([[t for f in feats for t in f["input_ids"]]])
+        labels = torch.tensor([[t for f in feats for t in f["labels"]]])
+        pos = torch.tensor([[i for f in feats for i in range(len(f["input_ids"]))]])
+        return {"input_ids": ids, "labels": labels, "position_ids": pos}
+
+
 def add_lora(model, p):
     """Wrap a (4-bit) model with LoRA adapters on p.target_modules; the base stays frozen."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -144,7 +159,8 @@ class AnswerLossTrainer(Trainer):
         labels = inputs["labels"]
         score = torch.zeros_like(labels, dtype=torch.bool)
         score[:, :-1] = labels[:, 1:] != IGNORE  # position t predicts label t+1
-        losses, _ = evaluate.token_nll(model, inputs["input_ids"], inputs["attention_mask"], score)
+        losses, _ = evaluate.token_nll(model, inputs["input_ids"], inputs.get("attention_mask"), score,
+                                       inputs.get("position_ids"))
         # a sum over the items of all accumulated micro-batches, as HF does: exact token mean per step
         loss = losses.sum() / (num_items_in_batch if num_items_in_batch is not None else losses.numel())
         return (loss, None) if return_outputs else loss
@@ -198,7 +214,7 @@ def fit(model, tok, train_records, eval_records, p, out: Path):
     out.mkdir(parents=True, exist_ok=True)
     trainer_cls = AnswerLossTrainer if p.answer_loss else Trainer
     trainer = trainer_cls(model=model, args=training_args(p, out, len(feats)), train_dataset=feats,
-                      data_collator=PadCollator(tok.pad_token_id),
+                      data_collator=PackCollator() if p.packing else PadCollator(tok.pad_token_id),
                       callbacks=[CurveCallback(tok, eval_records, p, out)])
     last = get_last_checkpoint(str(out / "checkpoints")) if (out / "checkpoints").exists() and p.resume else None
     if last:
