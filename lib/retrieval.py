@@ -10,12 +10,17 @@ from collections import Counter, defaultdict
 
 from .data import TO_CLASSICAL, TO_MODERN
 
-_TEMPLATE_WORDS = re.compile(TO_MODERN.pattern + "|" + TO_CLASSICAL.pattern + r"|答案：|[：:\s]")
+_TEMPLATE_WORDS = re.compile(TO_MODERN.pattern + "|" + TO_CLASSICAL.pattern + r"|答案：")
 
 
 def text_of(instruction: str) -> str:
-    """The instruction with template phrases and punctuation-ish separators removed."""
-    return _TEMPLATE_WORDS.sub("", instruction)
+    """The text to translate: the instruction without its template line(s).
+
+    Course templates sit on their own line ("翻譯成文言文：", "這句話在古代怎麼說："), so whole lines
+    that carry a template phrase go; a one-line instruction only loses the phrases themselves.
+    """
+    lines = [x for x in instruction.split("\n") if x.strip() and not _TEMPLATE_WORDS.search(x)]
+    return "".join(lines) if lines else _TEMPLATE_WORDS.sub("", instruction)
 
 
 def ngrams(text: str, n_max: int = 2) -> Counter:
