@@ -12,6 +12,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from . import evaluate, prompts
+from .launch import per_process_accum
 
 IGNORE = -100  # label value the loss skips
 
@@ -170,7 +171,7 @@ def training_args(p, out: Path, n_train: int) -> TrainingArguments:
     bf16 = p.compute_dtype == "bfloat16"
     return TrainingArguments(
         output_dir=str(out / "checkpoints"), per_device_train_batch_size=p.micro_batch_size,
-        gradient_accumulation_steps=p.grad_accum // world_size(), max_steps=planned_steps(p, n_train),
+        gradient_accumulation_steps=per_process_accum(p.grad_accum, world_size()), max_steps=planned_steps(p, n_train),
         learning_rate=p.learning_rate, lr_scheduler_type=p.lr_scheduler, warmup_steps=p.warmup_ratio,
         max_grad_norm=p.max_grad_norm, weight_decay=p.weight_decay, optim="adamw_torch",
         logging_steps=p.logging_steps, save_strategy="steps", save_steps=p.save_steps,
