@@ -1,13 +1,17 @@
 """QLoRA training throughput: the project's trainer vs a naive HF-Trainer baseline, in one run.
 
-Both: NF4 + double quant base, LoRA r=64 on all 7 projections, gradient checkpointing, the same
-records, micro-batch and effective batch. Baseline: plain `Trainer` (the model's own loss over full
-logits), the seed's fp32 compute dtype, padding to the longest in a random batch. Project: answer-only
-LM head (lib.train.AnswerLossTrainer), bf16 compute, length-grouped batches. Prints real (non-pad)
-tokens/s, peak GPU memory, the ratio, and both loss curves (random weights: speed and memory of QLoRA do
-not depend on the weight values).
+Every mode: NF4 + double quant base, LoRA r=64 on all 7 projections, the same records and the same
+effective batch. `baseline` is the seed's recipe run naively: plain `Trainer` (the model's own loss
+over full logits), fp32 compute, peft's kbit preparation, padding to the longest in a random batch,
+gradient checkpointing. `project` takes the speed settings of a params file (default
+params/course.yaml: what the project uses on a GPU). Any mode can be changed with +key=value
+(TrainParams fields), e.g. `project+compile=false` or `baseline+compute_dtype=bfloat16`.
 
-    python benchmarks/train_speed.py --config cfg/gemma3-270m.json --tokenizer tok/ --data-dir data/raw
+Prints real (non-pad) tokens/s, peak GPU memory, the ratio to the first mode and the mean loss of the
+last steps; --json keeps the loss curves. Random weights: the speed and memory of QLoRA do not depend
+on the weight values.
+
+    python benchmarks/train_speed.py --config gemma3-270m.json --tokenizer tok/ --data-dir data/raw
 """
 import argparse
 import json
@@ -16,9 +20,20 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback
+import yaml
+from transformers import PrinterCallback, Trainer, TrainerCallback
 
 from lib import data, models, params, train
+
+SPEED_KEYS = ("compute_dtype", "answer_loss", "group_by_length", "packing", "pack_tokens", "gradient_checkpointing",
+              "keep_frozen_dtype", "cache_dequantized", "compile")
+BASELINE = dict(compute_dtype="float32", answer_loss=False, group_by_length=False, packing=False,
+                gradient_checkpointing=True, keep_frozen_dtype=False, cache_dequantized=False, compile=False)
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 class Counting:
@@ -28,37 +43,61 @@ class Counting:
         self.inner, self.tokens = inner, 0
 
     def __call__(self, feats):
-        batch = self.inner(feats)
-        mask = batch.get("attention_mask")
-        self.tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-        return batch
+        self.tokens += sum(len(f["input_ids"]) for f in feats)
+        return self.inner(feats)
 
 
 class Clock(TrainerCallback):
-    """Wall time and tokens between the end of warm-up step `warm` and the end of training."""
+    """Wall time and tokens from the end of step `warm` to the end of step `stop`; then, if asked, a
+    torch.profiler window of `profile` steps (outside the timed window)."""
 
-    def __init__(self, collator, warm):
-        self.collator, self.warm, self.t0, self.tok0, self.dt, self.tokens = collator, warm, None, 0, None, None
+    def __init__(self, collator, warm, stop, profile=0):
+        self.collator, self.warm, self.stop, self.profile = collator, warm, stop, profile
+        self.t0 = self.tok0 = self.dt = self.tokens = self.prof = None
 
     def on_step_end(self, args, state, control, **kw):
-        if state.global_step == self.warm:
-            torch.cuda.synchronize()
+        step = state.global_step
+        if step in (self.warm, self.stop):
+            sync()
+        if step == self.warm:
             self.t0, self.tok0 = time.perf_counter(), self.collator.tokens
+        if step == self.stop:
+            self.dt, self.tokens = time.perf_counter() - self.t0, self.collator.tokens - self.tok0
+            if self.profile:
+                from torch.profiler import ProfilerActivity, profile
 
-    def on_train_end(self, args, state, control, **kw):
-        torch.cuda.synchronize()
-        self.dt, self.tokens = time.perf_counter() - self.t0, self.collator.tokens - self.tok0
+                self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                self.prof.__enter__()
+                self.p0 = time.perf_counter()
+        if self.prof is not None and step == self.stop + self.profile:
+            sync()
+            self.p_wall = time.perf_counter() - self.p0
+            self.prof.__exit__(None, None, None)
+
+
+def profile_summary(clock) -> dict:
+    """Per step: wall time vs GPU kernel time (low GPU share = launch/Python bound), kernel count, top ops."""
+    events = clock.prof.key_averages()
+    gpu_us = sum(e.self_device_time_total for e in events)
+    kernels = sum(e.count for e in events if e.self_device_time_total > 0 and e.device_type.name == "CPU")
+    top = sorted(events, key=lambda e: -e.self_device_time_total)[:12]
+    n = clock.profile
+    return {"wall_ms_per_step": round(clock.p_wall * 1000 / n, 1), "gpu_ms_per_step": round(gpu_us / 1000 / n, 1),
+            "ops_with_gpu_time_per_step": kernels // n,
+            "top": [(e.key[:60], round(e.self_device_time_total / 1000 / n, 2), e.count // n) for e in top]}
 
 
 def random_model(config: str, folder: Path) -> Path:
-    """Random weights of an architecture, saved once in bf16 so the NF4 loader can quantize them."""
+    """Random weights of an architecture, made on the GPU and saved once in bf16 for the NF4 loader."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if not (folder / "config.json").exists():
         torch.manual_seed(0)
-        m = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config), dtype=torch.bfloat16)
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            m = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config), dtype=torch.bfloat16)
         m.save_pretrained(folder)
         del m
+        torch.cuda.empty_cache()
     return folder
 
 
@@ -74,31 +113,63 @@ def features(tok, a):
     return feats
 
 
-def run(mode, model_dir, feats, tok, a):
-    """mode: baseline or project, the latter with -pack (padding-free rows) and/or -nogc (no checkpointing)."""
-    project = mode.startswith("project")
-    p = params.TrainParams(model=str(model_dir), compute_dtype="bfloat16" if project else "float32",
-                           micro_batch_size=a.micro_batch, grad_accum=a.grad_accum, max_steps=a.steps,
-                           logging_steps=1, save_steps=10 ** 6, eval_steps=1, answer_loss=project,
-                           group_by_length=project, lr_scheduler="constant", seed=0,
-                           gradient_checkpointing="nogc" not in mode, packing="pack" in mode)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    model = train.add_lora(models.load_model(p.model, "nf4", p.compute_dtype, "cuda"), p)
-    collator = Counting(train.PackCollator() if p.packing else train.PadCollator(tok.pad_token_id or 0))
-    clock = Clock(collator, a.warmup)
-    out = Path(a.work) / mode
+def mode_settings(mode: str, project: dict) -> dict:
+    """'name+key=value+...' -> TrainParams overrides; name is baseline or project."""
+    name, *changes = mode.split("+")
+    if name not in ("baseline", "project"):
+        raise SystemExit(f"mode {mode!r}: must start with baseline or project")
+    out = dict(BASELINE if name == "baseline" else project)
+    for c in changes:
+        k, _, v = c.partition("=")
+        if k not in {f for f in params.TrainParams.__dataclass_fields__}:
+            raise SystemExit(f"mode {mode!r}: {k!r} is not a TrainParams field")
+        out[k] = yaml.safe_load(v)
+    return out
+
+
+def run(mode, settings, model_dir, feats, tok, a):
+    p = params.TrainParams(**{**dict(model=str(model_dir), micro_batch_size=a.micro_batch, grad_accum=a.grad_accum,
+                              max_steps=a.steps + a.profile, logging_steps=1, save_steps=10 ** 6, eval_steps=1,
+                              lr_scheduler="constant", seed=0), **settings})
+    p.check()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    torch.manual_seed(0)
+    t_load = time.perf_counter()
+    model = train.add_lora(models.load_model(p.model, "nf4", p.compute_dtype, a.device), p)
+    t_load = time.perf_counter() - t_load
+    collator = Counting(train.collator(p, tok))
+    clock = Clock(collator, a.warmup, a.steps, a.profile)
+    out = Path(a.work) / "run"
     args = train.training_args(p, out, len(feats))
-    args.save_strategy = "no"
-    cls = train.AnswerLossTrainer if project else Trainer
+    args.save_strategy, args.disable_tqdm = "no", True
+    cls = train.AnswerLossTrainer if p.answer_loss else Trainer
     trainer = cls(model=model, args=args, train_dataset=feats, data_collator=collator, callbacks=[clock])
+    trainer.remove_callback(PrinterCallback)  # a line per step and mode drowns the table
+    t = time.perf_counter()
     trainer.train()
-    losses = [round(r["loss"], 4) for r in trainer.state.log_history if "loss" in r]
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30
+    losses = [round(r["loss"], 4) for r in trainer.state.log_history if "loss" in r][:a.steps]
+    row = {"mode": mode, "settings": settings, "tokens_per_s": round(clock.tokens / clock.dt),
+           "peak_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if torch.cuda.is_available() else 0.0,
+           "s_per_step": round(clock.dt / (a.steps - a.warmup), 3), "load_s": round(t_load, 1),
+           "untimed_s": round(time.perf_counter() - t - clock.dt, 1),  # warm-up (compilation) + profiling
+           "losses": losses}
+    if a.profile:
+        row["profile"] = profile_summary(clock)
     del trainer, model
     shutil.rmtree(out, ignore_errors=True)
-    return {"mode": mode, "tokens_per_s": round(clock.tokens / clock.dt), "peak_gib": round(peak, 2),
-            "s_per_step": round(clock.dt / (a.steps - a.warmup), 3), "losses": losses}
+    return row
+
+
+def print_row(r, base):
+    tail = r["losses"][-10:]
+    print(f"{r['mode']:44s} {r['tokens_per_s']:>7d} tok/s  peak {r['peak_gib']:6.2f} GiB  {r['s_per_step']:.3f} s/step"
+          f"  x{r['tokens_per_s'] / base['tokens_per_s']:.2f}  loss(last 10) {sum(tail) / len(tail):.4f}", flush=True)
+    if "profile" in r:
+        pr = r["profile"]
+        print(f"    profile: wall {pr['wall_ms_per_step']} ms/step, GPU busy {pr['gpu_ms_per_step']} ms/step, "
+              f"{pr['ops_with_gpu_time_per_step']} GPU ops/step; top: {pr['top'][:6]}", flush=True)
 
 
 def main():
@@ -112,32 +183,39 @@ def main():
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--micro-batch", type=int, default=16)
     ap.add_argument("--grad-accum", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=30, help="optimizer steps timed up to (after --warmup)")
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--profile", type=int, default=0, help="profile this many steps after the timed ones")
+    ap.add_argument("--params", default="params/course.yaml", help="where the project mode's settings come from")
     ap.add_argument("--modes", default="baseline,project")
     ap.add_argument("--work", default="/tmp/train_speed")
-    ap.add_argument("--json", help="also write the full result (loss curves included) here")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--json", help="write the result (loss curves included) here, after every mode")
     a = ap.parse_args()
     from transformers import AutoTokenizer
 
+    fp = params.load(a.params)["01_finetune"]
+    project = {k: getattr(fp, k) for k in SPEED_KEYS}
     tok = AutoTokenizer.from_pretrained(a.tokenizer) if a.tokenizer else models.load_tokenizer(a.model)
     feats = features(tok, a)
-    if a.model:
-        model_dir = models.model_path(a.model)
-    else:
-        model_dir = random_model(a.config, Path(a.work) / ("model-" + Path(a.config).stem))
-    rows = [run(m, model_dir, feats, tok, a) for m in a.modes.split(",")]
-    base = rows[0]
-    for r in rows:
-        r["speedup"] = round(r["tokens_per_s"] / base["tokens_per_s"], 2)
-    result = {"device": torch.cuda.get_device_name(0), "model": a.model or a.config,
-              "micro_batch": a.micro_batch, "grad_accum": a.grad_accum, "rows": rows}
+    model_dir = models.model_path(a.model) if a.model else random_model(
+        a.config, Path(a.work) / ("model-" + Path(a.config).stem))
+    result = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "torch": torch.__version__, "model": a.model or a.config,
+              "micro_batch": a.micro_batch, "grad_accum": a.grad_accum, "params": a.params, "rows": []}
+    for m in a.modes.split(","):
+        try:
+            row = run(m, mode_settings(m, project), model_dir, feats, tok, a)
+        except Exception as e:  # one failing mode (e.g. out of memory) must not lose the others
+            print(f"{m}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+            result["rows"].append({"mode": m, "error": f"{type(e).__name__}: {e}"[:2000]})
+            continue
+        result["rows"].append(row)
+        ok = [r for r in result["rows"] if "error" not in r]
+        print_row(row, ok[0])
+        if a.json:
+            Path(a.json).write_text(json.dumps(result, indent=1))
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1))
-    for r in rows:  # the loss curves are in the JSON; the table is what a reader wants first
-        tail = r["losses"][-10:]
-        print(f"{r['mode']:14s} {r['tokens_per_s']:>7d} tok/s  peak {r['peak_gib']:6.2f} GiB  "
-              f"{r['s_per_step']:.3f} s/step  x{r['speedup']:.2f}  mean loss last 10 steps {sum(tail) / len(tail):.3f}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .chunked_loss import head_nll
+
 
 @dataclass
 class Encoded:
@@ -78,11 +80,14 @@ def token_nll(model, ids, attn, score, position_ids=None):
     """
     decoder, head, cap = _parts(model)
     hidden = decoder(input_ids=ids, attention_mask=attn, position_ids=position_ids, use_cache=False).last_hidden_state
-    logits = head(hidden[score]).float()
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
     targets = ids[:, 1:][score[:, :-1]]
-    return F.cross_entropy(logits, targets, reduction="none"), score.nonzero()[:, 0]
+    if getattr(head, "bias", None) is None and isinstance(getattr(head, "weight", None), torch.Tensor):
+        losses = head_nll(hidden[score], head.weight, targets, cap)  # chunked: no full logits
+    else:
+        logits = head(hidden[score]).float()
+        logits = torch.tanh(logits / cap) * cap if cap else logits
+        losses = F.cross_entropy(logits, targets, reduction="none")
+    return losses, score.nonzero()[:, 0]
 
 
 def _batch_nll(model, encs, pad_id, dev):

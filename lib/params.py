@@ -124,18 +124,25 @@ class TrainParams(Common):
     resume: bool = True  # continue from the last checkpoint in out_dir if there is one
     num_processes: int = 1  # data-parallel processes (GPUs) via accelerate launch; grad_accum is split across them
     answer_loss: bool = True  # LM head only on answer tokens: same loss, no prompt logits (big vocabularies)
-    packing: bool = False  # micro-batch as one padding-free row (same per-example loss, no pad tokens)
+    packing: bool = False  # sequences laid end to end in rows, no padding between them (same per-example loss)
+    pack_tokens: int = 512  # row length for packing (a longer sequence gets a row of its own)
     group_by_length: bool = False  # batches of similar length pad less (speed); False keeps the seed's order
+    # speedups (lib/speedups.py; measured in benchmarks/README.md); all off = the seed's recipe
+    keep_frozen_dtype: bool = False  # don't upcast frozen embeddings/norms/LM head to fp32 (peft's kbit prep does)
+    cache_dequantized: bool = False  # dequantize the 4-bit weights once: same numbers, +2 bytes/weight
+    compile: bool = False  # torch.compile each decoder layer
 
     def check(self):
         super().check()
-        _positive(self, "lora_r", "lora_alpha", "micro_batch_size", "grad_accum", "eval_steps", "num_processes",
+        _positive(self, "lora_r", "lora_alpha", "micro_batch_size", "pack_tokens", "grad_accum", "eval_steps", "num_processes",
                   "save_steps", "logging_steps", "learning_rate")
         _choice("lr_scheduler", self.lr_scheduler, ("constant", "constant_with_warmup", "linear", "cosine"))
         if not 0 <= self.lora_dropout < 1 or not 0 <= self.warmup_ratio < 1:
             raise ParamsError("lora_dropout and warmup_ratio must be in [0, 1)")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise ParamsError("set epochs > 0 or max_steps > 0")
+        if self.cache_dequantized and self.quantization != "nf4":
+            raise ParamsError("cache_dequantized needs quantization: nf4 (there is nothing to dequantize)")
         if self.grad_accum % self.num_processes:
             raise ParamsError(f"grad_accum={self.grad_accum} must be divisible by num_processes={self.num_processes}")
 

@@ -11,7 +11,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from . import evaluate, prompts
+from . import evaluate, prompts, speedups
 from .launch import per_process_accum
 
 IGNORE = -100  # label value the loss skips
@@ -46,35 +46,75 @@ class PadCollator:
 
 
 class PackCollator:
-    """Padding-free: the micro-batch's sequences concatenated into one row, positions restarting at 0.
+    """Padding-free rows: the micro-batch's sequences laid end to end, positions restarting at 0.
 
-    No attention mask: transformers reads the sequence boundaries from position_ids and attends only
-    within each sequence, so every example's loss is what it is alone (tested). Each sequence starts
-    with BOS, whose label is IGNORE, so no token is trained to predict the next example.
+    Sequences go into rows of at most row_tokens (first fit, longest first; a longer sequence gets a
+    row of its own), so attention stays as cheap as in short rows; the rows are right-padded to the
+    longest. No attention mask: transformers reads the sequence boundaries from position_ids and
+    attends only within each sequence, so every example's loss is what it is alone (tested). Each
+    sequence starts with BOS, whose label is IGNORE, so no token is trained to predict the next
+    example; pads sit after every real token of their row (causal attention never sees them) and
+    carry label IGNORE.
     """
 
+    def __init__(self, pad_id=0, row_tokens=512):
+        self.pad_id, self.row_tokens = pad_id, row_tokens
+
+    def rows(self, lengths) -> list[list[int]]:
+        """Indices of the sequences in each row."""
+        rows, room = [], []
+        for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+            j = next((j for j, r in enumerate(room) if r >= lengths[i]), None)
+            if j is None:
+                rows.append([i])
+                room.append(self.row_tokens - lengths[i])
+            else:
+                rows[j].append(i)
+                room[j] -= lengths[i]
+        return rows
+
     def __call__(self, feats):
-        ids = torch.tensor([[t for f in feats for t in f["input_ids"]]])
-        labels = torch.tensor([[t for f in feats for t in f["labels"]]])
-        pos = torch.tensor([[i for f in feats for i in range(len(f["input_ids"]))]])
+        rows = self.rows([len(f["input_ids"]) for f in feats])
+        width = max(sum(len(feats[i]["input_ids"]) for i in r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id)
+        labels = torch.full((len(rows), width), IGNORE)
+        pos = torch.zeros((len(rows), width), dtype=torch.long)
+        for k, r in enumerate(rows):
+            at = 0
+            for i in r:
+                n = len(feats[i]["input_ids"])
+                ids[k, at:at + n] = torch.tensor(feats[i]["input_ids"])
+                labels[k, at:at + n] = torch.tensor(feats[i]["labels"])
+                pos[k, at:at + n] = torch.arange(n)
+                at += n
+            pos[k, at:] = torch.arange(width - at)  # the pad tail as one more (unscored) sequence
         return {"input_ids": ids, "labels": labels, "position_ids": pos}
+
+
+def collator(p, tok):
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return PackCollator(pad, p.pack_tokens) if p.packing else PadCollator(pad)
 
 
 def add_lora(model, p):
     """Wrap a (4-bit) model with LoRA adapters on p.target_modules; the base stays frozen."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    if p.quantization == "nf4":  # casts norms to fp32, enables input grads for checkpointing
+    if p.quantization == "nf4" and not p.keep_frozen_dtype:  # frozen weights to fp32, input grads for checkpointing
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=p.gradient_checkpointing)
-    elif p.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.enable_input_require_grads()
+    else:
+        model = speedups.prepare_frozen(model, p.gradient_checkpointing)
     missing = [m for m in p.target_modules if not any(n.endswith(m) for n, _ in model.named_modules())]
     if missing:
         raise ValueError(f"target_modules {missing} not found in {p.model}")
     cfg = LoraConfig(r=p.lora_r, lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout, bias="none",
                      target_modules=list(p.target_modules), task_type="CAUSAL_LM")
-    return get_peft_model(model, cfg)
+    model = get_peft_model(model, cfg)
+    if p.cache_dequantized:
+        speedups.cache_dequantized(model)
+    if p.compile:
+        speedups.compile_layers(model)
+    return model
 
 
 def trainable_params(model) -> tuple[int, int]:
@@ -215,7 +255,7 @@ def fit(model, tok, train_records, eval_records, p, out: Path):
     out.mkdir(parents=True, exist_ok=True)
     trainer_cls = AnswerLossTrainer if p.answer_loss else Trainer
     trainer = trainer_cls(model=model, args=training_args(p, out, len(feats)), train_dataset=feats,
-                      data_collator=PackCollator() if p.packing else PadCollator(tok.pad_token_id),
+                      data_collator=collator(p, tok),
                       callbacks=[CurveCallback(tok, eval_records, p, out)])
     last = get_last_checkpoint(str(out / "checkpoints")) if (out / "checkpoints").exists() and p.resume else None
     if last:

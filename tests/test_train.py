@@ -111,24 +111,42 @@ def test_answer_loss_equals_model_loss(tiny):
     assert ours.item() == pytest.approx(hf.item(), rel=1e-5)
 
 
-def test_packing_keeps_every_examples_loss(tiny):
-    """Padding-free packing: each example's summed NLL equals its unpacked value (block-diagonal mask)."""
+@pytest.mark.parametrize("row_tokens", [10 ** 6, 300])
+def test_packing_keeps_every_examples_loss(tiny, row_tokens):
+    """Padding-free packing (one row, or several padded rows): each example's summed NLL equals its
+    unpacked value (block-diagonal mask from the restarting positions)."""
     model, _, tok = tiny
     recs = data.load_split("data/sample", "train", limit=6)
     feats, _ = train.encode_examples(tok, recs, "course", 2048)
-    packed = train.PackCollator()(feats)
-    assert packed["input_ids"].shape == (1, sum(len(f["input_ids"]) for f in feats))
+    coll = train.PackCollator(tok.pad_token_id, row_tokens)
+    packed = coll(feats)
+    rows = coll.rows([len(f["input_ids"]) for f in feats])
+    order = [i for r in rows for i in r]
+    assert sorted(order) == list(range(len(feats)))
+    assert len(rows) == (1 if row_tokens > 10 ** 5 else 3)  # 300: two of the sample's 111-125-token records a row
+    assert packed["input_ids"].shape[0] == len(rows)
+    assert (packed["labels"] != train.IGNORE).sum() == sum(sum(x != train.IGNORE for x in f["labels"]) for f in feats)
     score = torch.zeros_like(packed["labels"], dtype=torch.bool)
     score[:, :-1] = packed["labels"][:, 1:] != train.IGNORE
     with torch.no_grad():
         losses, _ = evaluate.token_nll(model, packed["input_ids"], None, score, packed["position_ids"])
-    sizes = [sum(x != train.IGNORE for x in f["labels"]) for f in feats]
-    per_example = [chunk.sum().item() for chunk in losses.split(sizes)]
+    sizes = [sum(x != train.IGNORE for x in feats[i]["labels"]) for i in order]
+    per_example = dict(zip(order, [chunk.sum().item() for chunk in losses.split(sizes)]))
     ref = evaluate.perplexities(model, tok, [prompts.build(r["instruction"]) for r in recs],
                                 [r["output"] for r in recs], progress=False)
-    assert per_example == pytest.approx(ref.nll, rel=1e-5)
+    assert [per_example[i] for i in range(len(feats))] == pytest.approx(ref.nll, rel=1e-5)
     # and without the restarted positions the examples would see each other: the test can fail
     with torch.no_grad():
         leaky, _ = evaluate.token_nll(model, packed["input_ids"], None, score, None)
-    leaky_sums = [chunk.sum().item() for chunk in leaky.split(sizes)]
-    assert max(abs(a - b) / b for a, b in zip(leaky_sums, ref.nll)) > 1e-4  # 1.7e-3 when seen
+    leaky_sums = dict(zip(order, [chunk.sum().item() for chunk in leaky.split(sizes)]))
+    assert max(abs(leaky_sums[i] - ref.nll[i]) / ref.nll[i] for i in range(len(feats))) > 1e-4  # 1.7e-3 when seen
+
+
+def test_pack_rows_first_fit():
+    coll = train.PackCollator(0, row_tokens=10)
+    rows = coll.rows([6, 4, 3, 12, 5, 2])
+    assert rows == [[3], [0, 1], [4, 2, 5]]  # longest first, each into the first row with room; 12 alone
+    batch = coll([{"input_ids": [1] * n, "labels": [1] * n} for n in [6, 4, 3, 12, 5, 2]])
+    assert batch["input_ids"].shape == (3, 12)
+    assert batch["position_ids"][1].tolist() == [0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 0, 1]
+    assert batch["labels"][2].tolist() == [1] * 10 + [train.IGNORE] * 2

@@ -1,0 +1,74 @@
+"""Opt-in training speedups for QLoRA that leave the numbers alone (each measured in benchmarks/).
+
+- keep_frozen_dtype: peft's kbit preparation casts every frozen non-4-bit weight (embeddings, norms,
+  LM head) to fp32; with bf16 compute that doubles their memory and makes the residual stream fp32.
+- cache_dequantized: bitsandbytes dequantizes each 4-bit weight to the compute dtype on every call
+  (forward, recompute and backward) and multiplies with that. Doing it once and keeping the result
+  gives the very same products without the dequantize kernels; it costs 2 bytes per weight, so it
+  suits small models (gemma-3-270m: +0.2 GB), not 7B ones under a memory cap.
+- compile_layers: torch.compile of each decoder layer (regional compilation): the small model's step
+  is bound by kernel launches and Python, not FLOPs.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class DequantizedLinear(nn.Linear):
+    """A frozen Linear holding a 4-bit layer's dequantized weight; computes as bitsandbytes does
+    (input cast to the weight's dtype, output cast back)."""
+
+    def forward(self, x):
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+
+
+def _dequantized(layer) -> DequantizedLinear:
+    from bitsandbytes.functional import dequantize_4bit
+
+    w = dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(layer.compute_dtype or torch.float32)
+    out = DequantizedLinear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                            device="meta", dtype=w.dtype)
+    out.weight = nn.Parameter(w.reshape(layer.out_features, layer.in_features), requires_grad=False)
+    if layer.bias is not None:
+        out.bias = nn.Parameter(layer.bias.data.to(w.dtype), requires_grad=False)
+    return out
+
+
+def cache_dequantized(model) -> int:
+    """Replace every bitsandbytes 4-bit Linear in model (also inside LoRA wrappers) by its
+    DequantizedLinear; returns how many were replaced."""
+    import bitsandbytes as bnb
+
+    n = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, bnb.nn.Linear4bit):
+                setattr(parent, name, _dequantized(child))
+                n += 1
+    if n and torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the packed 4-bit storage is gone
+    return n
+
+
+def prepare_frozen(model, gradient_checkpointing: bool):
+    """peft's prepare_model_for_kbit_training without its fp32 upcast of the frozen weights."""
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    if gradient_checkpointing:
+        # the embeddings are frozen, so their output must ask for grad or checkpointed layers get none
+        model.enable_input_require_grads()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    return model
+
+
+def decoder_layers(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder().layers
+
+
+def compile_layers(model) -> int:
+    """torch.compile each decoder layer in place (their shared code compiles once per shape family)."""
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)

@@ -1,0 +1,108 @@
+"""The training speedups change speed and memory, never the numbers."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lib import chunked_loss, data, models, params, speedups, train
+
+
+def _plain(hidden, weight, targets, cap):
+    z = F.linear(hidden, weight).float()
+    z = torch.tanh(z / cap) * cap if cap else z
+    return F.cross_entropy(z, targets, reduction="none")
+
+
+@pytest.mark.parametrize("cap", [None, 30.0])
+def test_head_nll_equals_plain_cross_entropy(monkeypatch, cap):
+    """Losses and the gradient w.r.t. the hidden states, over several chunks, equal the plain path's."""
+    monkeypatch.setattr(chunked_loss, "CHUNK_ELEMENTS", 7 * 50)  # 7 tokens a chunk: 3 chunks of 20 tokens
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(50, 16, generator=g)
+    h = torch.randn(20, 16, generator=g) * 3
+    targets = torch.randint(0, 50, (20,), generator=g)
+    upstream = torch.rand(20, generator=g)  # a weighted sum, so each token's gradient scale matters
+    h1, h2 = h.clone().requires_grad_(), h.clone().requires_grad_()
+    ours, ref = chunked_loss.head_nll(h1, weight, targets, cap), _plain(h2, weight, targets, cap)
+    (ours * upstream).sum().backward()
+    (ref * upstream).sum().backward()
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # the evaluation path (no gradient kept)
+        torch.testing.assert_close(chunked_loss.head_nll(h, weight, targets, cap), ref.detach(), rtol=1e-5, atol=1e-6)
+    assert chunked_loss._chunks(20, 50) == [(0, 7), (7, 14), (14, 20)]
+
+
+def test_head_nll_bf16_autocast_matches_model_head():
+    """Under bf16 autocast (the Trainer's bf16 mode) the chunked loss rounds as the plain head does."""
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(64, 32, generator=g)
+    h = torch.randn(10, 32, generator=g)
+    targets = torch.randint(0, 64, (10,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = chunked_loss.head_nll(h.requires_grad_(), weight, targets)
+        ref = _plain(h, weight, targets, None)
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+
+
+def _tiny_nf4(compute_dtype="float32"):
+    return models.load_model("tiny-llama", "nf4", compute_dtype, "cpu")
+
+
+def test_cache_dequantized_gives_the_same_logits_and_replaces_every_4bit_layer():
+    import bitsandbytes as bnb
+
+    model = _tiny_nf4()
+    n4 = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    with torch.no_grad():
+        before = model(ids).logits
+        assert speedups.cache_dequantized(model) == n4 > 0
+        after = model(ids).logits
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
+
+
+def _step(p, feats, tok):
+    """Loss and LoRA gradients of one training step of the tiny model under params p."""
+    torch.manual_seed(0)
+    model = train.add_lora(_tiny_nf4(p.compute_dtype), p)
+    model.train()
+    batch = train.PadCollator(tok.pad_token_id)(feats)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=p.compute_dtype == "bfloat16"):
+        loss = train.AnswerLossTrainer.compute_loss(None, model, batch)
+    loss.backward()
+    grads = {n: x.grad.clone() for n, x in model.named_parameters() if x.requires_grad}
+    return model, loss.item(), grads
+
+
+def test_speedups_keep_loss_and_gradients(tiny):
+    """cache_dequantized and keep_frozen_dtype: one step's loss and LoRA gradients equal the seed path's."""
+    _, _, tok = tiny
+    feats, _ = train.encode_examples(tok, data.load_split("data/sample", "train", limit=4), "course", 2048)
+    seed = params.TrainParams(model="tiny-llama", compute_dtype="float32")
+    _, loss0, g0 = _step(seed, feats, tok)
+    for kw in ({"cache_dequantized": True}, {"keep_frozen_dtype": True, "cache_dequantized": True}):
+        _, loss, g = _step(params.TrainParams(model="tiny-llama", compute_dtype="float32", **kw), feats, tok)
+        assert loss == pytest.approx(loss0, rel=1e-6), kw
+        assert g.keys() == g0.keys()
+        for k in g0:
+            torch.testing.assert_close(g[k], g0[k], rtol=1e-4, atol=1e-7)
+
+
+def test_keep_frozen_dtype_leaves_bf16_weights_bf16(tiny):
+    """peft's preparation makes the frozen embeddings fp32; keep_frozen_dtype leaves them bf16."""
+    _, _, tok = tiny
+    feats, _ = train.encode_examples(tok, data.load_split("data/sample", "train", limit=4), "course", 2048)
+    dtypes = {}
+    for keep in (False, True):
+        p = params.TrainParams(model="tiny-llama", compute_dtype="bfloat16", keep_frozen_dtype=keep)
+        model, loss, grads = _step(p, feats, tok)
+        dtypes[keep] = model.get_base_model().get_input_embeddings().weight.dtype
+        assert torch.isfinite(torch.tensor(loss))  # B starts at 0, so at step 0 only the B matrices get a gradient
+        assert all(g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)
+    assert dtypes == {False: torch.float32, True: torch.bfloat16}
+
+
+def test_cache_dequantized_needs_nf4():
+    with pytest.raises(params.ParamsError, match="cache_dequantized"):
+        params.TrainParams(model="tiny-llama", quantization="none", cache_dequantized=True).check()
