@@ -200,8 +200,12 @@ class AnswerLossTrainer(Trainer):
         labels = inputs["labels"]
         score = torch.zeros_like(labels, dtype=torch.bool)
         score[:, :-1] = labels[:, 1:] != IGNORE  # position t predicts label t+1
-        losses, _ = evaluate.token_nll(model, inputs["input_ids"], inputs.get("attention_mask"), score,
-                                       inputs.get("position_ids"))
+        # accelerate puts bf16 autocast around model.forward; this path calls the decoder directly, so
+        # it must do the same, or the LoRA matmuls run in fp32 with a cast around every one of them
+        bf16 = bool(getattr(getattr(self, "args", None), "bf16", False))
+        with torch.autocast(labels.device.type, dtype=torch.bfloat16, enabled=bf16):
+            losses, _ = evaluate.token_nll(model, inputs["input_ids"], inputs.get("attention_mask"), score,
+                                           inputs.get("position_ids"))
         # a sum over the items of all accumulated micro-batches, as HF does: exact token mean per step
         loss = losses.sum() / (num_items_in_batch if num_items_in_batch is not None else losses.numel())
         return (loss, None) if return_outputs else loss

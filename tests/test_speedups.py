@@ -106,3 +106,23 @@ def test_keep_frozen_dtype_leaves_bf16_weights_bf16(tiny):
 def test_cache_dequantized_needs_nf4():
     with pytest.raises(params.ParamsError, match="cache_dequantized"):
         params.TrainParams(model="tiny-llama", quantization="none", cache_dequantized=True).check()
+
+
+def test_answer_loss_runs_lora_under_bf16_autocast(tiny):
+    """With bf16 compute the answer-only loss runs under autocast, as the model's own forward does
+    under the Trainer (else the LoRA matmuls run in fp32); with fp32 compute it does not."""
+    from types import SimpleNamespace
+
+    _, _, tok = tiny
+    feats, _ = train.encode_examples(tok, data.load_split("data/sample", "train", limit=2), "course", 2048)
+    batch = train.PadCollator(tok.pad_token_id)(feats)
+    model = train.add_lora(_tiny_nf4("bfloat16"), params.TrainParams(model="tiny-llama", compute_dtype="bfloat16",
+                                                                      keep_frozen_dtype=True))
+    seen = []
+    lora_a = next(m for n, m in model.named_modules() if n.endswith("lora_A.default"))
+    lora_a.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    for bf16 in (True, False):
+        fake = SimpleNamespace(args=SimpleNamespace(bf16=bf16))
+        loss = train.AnswerLossTrainer.compute_loss(fake, model, batch)
+        assert torch.isfinite(loss)
+    assert seen == [torch.bfloat16, torch.float32]
