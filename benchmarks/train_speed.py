@@ -26,9 +26,10 @@ from transformers import PrinterCallback, Trainer, TrainerCallback
 from lib import data, models, params, train
 
 SPEED_KEYS = ("compute_dtype", "answer_loss", "group_by_length", "packing", "pack_tokens", "gradient_checkpointing",
-              "keep_frozen_dtype", "cache_dequantized", "compile")
+              "keep_frozen_dtype", "cache_dequantized", "compile", "optim")
 BASELINE = dict(compute_dtype="float32", answer_loss=False, group_by_length=False, packing=False,
-                gradient_checkpointing=True, keep_frozen_dtype=False, cache_dequantized=False, compile=False)
+                gradient_checkpointing=True, keep_frozen_dtype=False, cache_dequantized=False, compile=False,
+                optim="adamw_torch")
 
 
 def sync():

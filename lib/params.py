@@ -131,12 +131,14 @@ class TrainParams(Common):
     keep_frozen_dtype: bool = False  # don't upcast frozen embeddings/norms/LM head to fp32 (peft's kbit prep does)
     cache_dequantized: bool = False  # dequantize the 4-bit weights once: same numbers, +2 bytes/weight
     compile: bool = False  # torch.compile each decoder layer
+    optim: str = "adamw_torch"  # adamw_torch_fused: the same AdamW in one kernel per step
 
     def check(self):
         super().check()
         _positive(self, "lora_r", "lora_alpha", "micro_batch_size", "pack_tokens", "grad_accum", "eval_steps", "num_processes",
                   "save_steps", "logging_steps", "learning_rate")
         _choice("lr_scheduler", self.lr_scheduler, ("constant", "constant_with_warmup", "linear", "cosine"))
+        _choice("optim", self.optim, ("adamw_torch", "adamw_torch_fused"))
         if not 0 <= self.lora_dropout < 1 or not 0 <= self.warmup_ratio < 1:
             raise ParamsError("lora_dropout and warmup_ratio must be in [0, 1)")
         if self.max_steps <= 0 and self.epochs <= 0:

@@ -217,7 +217,7 @@ def training_args(p, out: Path, n_train: int) -> TrainingArguments:
         output_dir=str(out / "checkpoints"), per_device_train_batch_size=p.micro_batch_size,
         gradient_accumulation_steps=per_process_accum(p.grad_accum, world_size()), max_steps=planned_steps(p, n_train),
         learning_rate=p.learning_rate, lr_scheduler_type=p.lr_scheduler, warmup_steps=p.warmup_ratio,
-        max_grad_norm=p.max_grad_norm, weight_decay=p.weight_decay, optim="adamw_torch",
+        max_grad_norm=p.max_grad_norm, weight_decay=p.weight_decay, optim=p.optim,
         logging_steps=p.logging_steps, save_strategy="steps", save_steps=p.save_steps,
         eval_strategy="no", report_to="none", seed=p.seed, data_seed=p.seed, bf16=bf16,
         use_cpu=(evaluate_device(p) == "cpu"), remove_unused_columns=False,
