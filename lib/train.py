@@ -57,8 +57,10 @@ class PackCollator:
     carry label IGNORE.
     """
 
-    def __init__(self, pad_id=0, row_tokens=512):
-        self.pad_id, self.row_tokens = pad_id, row_tokens
+    def __init__(self, pad_id=0, row_tokens=512, multiple=8):
+        # widths rounded up to a multiple of 8: a compiled model specializes on width % 8 and would
+        # otherwise recompile (tens of seconds each) whenever a batch's width changes that remainder
+        self.pad_id, self.row_tokens, self.multiple = pad_id, row_tokens, multiple
 
     def rows(self, lengths) -> list[list[int]]:
         """Indices of the sequences in each row."""
@@ -76,6 +78,7 @@ class PackCollator:
     def __call__(self, feats):
         rows = self.rows([len(f["input_ids"]) for f in feats])
         width = max(sum(len(feats[i]["input_ids"]) for i in r) for r in rows)
+        width = -(-width // self.multiple) * self.multiple
         ids = torch.full((len(rows), width), self.pad_id)
         labels = torch.full((len(rows), width), IGNORE)
         pos = torch.zeros((len(rows), width), dtype=torch.long)

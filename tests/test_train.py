@@ -147,6 +147,6 @@ def test_pack_rows_first_fit():
     rows = coll.rows([6, 4, 3, 12, 5, 2])
     assert rows == [[3], [0, 1], [4, 2, 5]]  # longest first, each into the first row with room; 12 alone
     batch = coll([{"input_ids": [1] * n, "labels": [1] * n} for n in [6, 4, 3, 12, 5, 2]])
-    assert batch["input_ids"].shape == (3, 12)
-    assert batch["position_ids"][1].tolist() == [0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 0, 1]
-    assert batch["labels"][2].tolist() == [1] * 10 + [train.IGNORE] * 2
+    assert batch["input_ids"].shape == (3, 16)  # the longest row, 12, rounded up to a multiple of 8
+    assert batch["position_ids"][1].tolist() == [0, 1, 2, 3, 4, 5, 0, 1, 2, 3] + list(range(6))
+    assert batch["labels"][2].tolist() == [1] * 10 + [train.IGNORE] * 6
