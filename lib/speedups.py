@@ -66,6 +66,18 @@ def decoder_layers(model):
     return base.get_decoder().layers
 
 
+def eager():
+    """Run compiled layers eagerly inside this context: the learning-curve evaluations and generation
+    see other shapes (padding masks, one-token decoding) whose compilation would cost more than it saves."""
+    return torch.compiler.set_stance("force_eager")
+
+
+def uncompile(model):
+    """Undo compile_layers (after training: predictions and later use run eagerly)."""
+    for layer in decoder_layers(model):
+        layer._compiled_call_impl = None
+
+
 def compile_layers(model) -> int:
     """torch.compile each decoder layer in place (their shared code compiles once per shape family)."""
     layers = decoder_layers(model)

@@ -164,8 +164,9 @@ class CurveCallback(TrainerCallback):
 
         t = time.time()
         model.eval()
-        df = evaluate.score_records(model, self.tok, self.records, self.prompts, self.p.eval_batch_size,
-                                    self.p.max_length)
+        with speedups.eager():
+            df = evaluate.score_records(model, self.tok, self.records, self.prompts, self.p.eval_batch_size,
+                                        self.p.max_length)
         model.train()
         row = {"step": state.global_step, "eval_ppl": float(df.ppl.mean()),
                "eval_bits_per_char": evaluate.bits_per_char(df)}
@@ -268,6 +269,8 @@ def fit(model, tok, train_records, eval_records, p, out: Path):
     if last:
         print(f"resuming from {last}", flush=True)
     trainer.train(resume_from_checkpoint=last)
+    if p.compile:
+        speedups.uncompile(model)
     if not trainer.is_world_process_zero():  # evaluation, curve and files live on the main process
         return trainer, None
     model.save_pretrained(out / "final_adapter")

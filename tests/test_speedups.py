@@ -126,3 +126,26 @@ def test_answer_loss_runs_lora_under_bf16_autocast(tiny):
         loss = train.AnswerLossTrainer.compute_loss(fake, model, batch)
         assert torch.isfinite(loss)
     assert seen == [torch.bfloat16, torch.float32]
+
+
+def test_compiled_layers_evaluate_eagerly_and_uncompile(tiny, sample_eval):
+    """Evaluation inside speedups.eager() compiles nothing and scores as the plain model does;
+    uncompile() restores plain calls."""
+    from torch._dynamo.utils import counters
+
+    from lib import evaluate, prompts
+
+    _, _, tok = tiny
+    p = params.TrainParams(model="tiny-llama", compile=True)
+    model = train.add_lora(_tiny_nf4(), p)
+    layers = speedups.decoder_layers(model)
+    assert all(layer._compiled_call_impl is not None for layer in layers)
+    recs = sample_eval[:3]
+    args = ([prompts.build(r["instruction"]) for r in recs], [r["output"] for r in recs])
+    before = sum(counters["stats"].values())
+    with speedups.eager():
+        compiled = evaluate.perplexities(model, tok, *args, progress=False).nll
+    assert sum(counters["stats"].values()) == before  # dynamo never ran
+    speedups.uncompile(model)
+    assert all(layer._compiled_call_impl is None for layer in layers)
+    assert compiled == pytest.approx(evaluate.perplexities(model, tok, *args, progress=False).nll, rel=1e-6)
