@@ -143,6 +143,11 @@ class TrainParams(Common):
             raise ParamsError("lora_dropout and warmup_ratio must be in [0, 1)")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise ParamsError("set epochs > 0 or max_steps > 0")
+        if self.compile:
+            import torch
+
+            if not hasattr(torch.compiler, "set_stance"):
+                raise ParamsError("compile: true needs torch >= 2.6 (torch.compiler.set_stance)")
         if self.cache_dequantized and self.quantization != "nf4":
             raise ParamsError("cache_dequantized needs quantization: nf4 (there is nothing to dequantize)")
         if self.grad_accum % self.num_processes:

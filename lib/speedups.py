@@ -69,7 +69,10 @@ def decoder_layers(model):
 def eager():
     """Run compiled layers eagerly inside this context: the learning-curve evaluations and generation
     see other shapes (padding masks, one-token decoding) whose compilation would cost more than it saves."""
-    return torch.compiler.set_stance("force_eager")
+    import contextlib
+
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6; older ones: compile is off anyway
+    return set_stance("force_eager") if set_stance else contextlib.nullcontext()
 
 
 def uncompile(model):
