@@ -16,9 +16,9 @@ def _chunks(n, vocab):
     return [(i, min(i + step, n)) for i in range(0, n, step)]
 
 
-def _logits(h, weight, cap):
+def _logits(h, weight, cap, bias=None):
     """fp32 logits of a chunk (matmul in the weight's dtype, as the model's own head does), soft-capped."""
-    z = F.linear(h.to(weight.dtype), weight).float()
+    z = F.linear(h.to(weight.dtype), weight, bias).float()
     if not cap:
         return z, None
     t = torch.tanh(z / cap)
@@ -49,14 +49,14 @@ class _HeadNLL(torch.autograd.Function):
         return (grad * grad_losses[:, None]).to(ctx.hidden_dtype), None, None, None
 
 
-def head_nll(hidden, weight, targets, cap=None):
+def head_nll(hidden, weight, targets, cap=None, bias=None):
     """Per-token NLL of targets given hidden states [N, d] and a frozen LM head weight [V, d].
 
     Differentiable w.r.t. hidden only (the head is frozen in LoRA training); a head that needs its own
-    gradient takes the plain path.
+    gradient, or has a bias, takes the plain path.
     """
-    if weight.requires_grad:
-        z, _ = _logits(hidden, weight, cap)
+    if weight.requires_grad or bias is not None:
+        z, _ = _logits(hidden, weight, cap, bias)
         return F.cross_entropy(z, targets, reduction="none")
     if torch.is_grad_enabled() and hidden.requires_grad:
         return _HeadNLL.apply(hidden, weight, targets, cap)

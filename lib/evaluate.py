@@ -81,12 +81,7 @@ def token_nll(model, ids, attn, score, position_ids=None):
     decoder, head, cap = _parts(model)
     hidden = decoder(input_ids=ids, attention_mask=attn, position_ids=position_ids, use_cache=False).last_hidden_state
     targets = ids[:, 1:][score[:, :-1]]
-    if getattr(head, "bias", None) is None and isinstance(getattr(head, "weight", None), torch.Tensor):
-        losses = head_nll(hidden[score], head.weight, targets, cap)  # chunked: no full logits
-    else:
-        logits = head(hidden[score]).float()
-        logits = torch.tanh(logits / cap) * cap if cap else logits
-        losses = F.cross_entropy(logits, targets, reduction="none")
+    losses = head_nll(hidden[score], head.weight, targets, cap, head.bias)  # chunked: no full logits
     return losses, score.nonzero()[:, 0]
 
 

@@ -13,6 +13,7 @@ from typing import get_args, get_origin, get_type_hints
 import yaml
 
 from . import ROOT, resolve
+from .launch import per_process_accum
 
 DEFAULT_FILE = ROOT / "params" / "default.yaml"
 
@@ -150,8 +151,10 @@ class TrainParams(Common):
                 raise ParamsError("compile: true needs torch >= 2.6 (torch.compiler.set_stance)")
         if self.cache_dequantized and self.quantization != "nf4":
             raise ParamsError("cache_dequantized needs quantization: nf4 (there is nothing to dequantize)")
-        if self.grad_accum % self.num_processes:
-            raise ParamsError(f"grad_accum={self.grad_accum} must be divisible by num_processes={self.num_processes}")
+        try:
+            per_process_accum(self.grad_accum, self.num_processes)
+        except ValueError as e:
+            raise ParamsError(str(e)) from None
 
 
 @dataclass

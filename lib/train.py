@@ -326,14 +326,12 @@ def finetune_distributed(p, train_records, eval_records, out: Path, model_name=N
     adapter is loaded here for predictions.
     """
     import json
+    from dataclasses import fields
 
     import yaml
     from peft import PeftModel
 
     from . import launch, models
-
-    from dataclasses import fields
-
     from .params import FinetuneParams
 
     out.mkdir(parents=True, exist_ok=True)

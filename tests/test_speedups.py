@@ -32,6 +32,17 @@ def test_head_nll_equals_plain_cross_entropy(monkeypatch, cap):
     assert chunked_loss._chunks(20, 50) == [(0, 7), (7, 14), (14, 20)]
 
 
+def test_head_nll_with_bias_or_trainable_head_takes_the_plain_path():
+    g = torch.Generator().manual_seed(2)
+    weight, bias = torch.randn(30, 8, generator=g), torch.randn(30, generator=g)
+    h, targets = torch.randn(5, 8, generator=g), torch.randint(0, 30, (5,), generator=g)
+    ref = F.cross_entropy(F.linear(h, weight, bias), targets, reduction="none")
+    torch.testing.assert_close(chunked_loss.head_nll(h, weight, targets, bias=bias), ref)
+    trainable = weight.clone().requires_grad_()
+    chunked_loss.head_nll(h, trainable, targets).sum().backward()
+    assert trainable.grad is not None and trainable.grad.abs().sum() > 0
+
+
 def test_head_nll_bf16_autocast_matches_model_head():
     """Under bf16 autocast (the Trainer's bf16 mode) the chunked loss rounds as the plain head does."""
     g = torch.Generator().manual_seed(1)
