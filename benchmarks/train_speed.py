@@ -75,17 +75,34 @@ class Clock(TrainerCallback):
             self.prof.__exit__(None, None, None)
 
 
+KERNEL_KINDS = (("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas")), ("dequantize", ("dequantize",)),
+                ("attention", ("fmha", "attention", "sdpa", "flash")), ("optimizer", ("multi_tensor", "adam")),
+                ("compiled", ("triton",)), ("copy/cast", ("copy", "direct_copy", "cast")))
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((k for k, keys in KERNEL_KINDS if any(x in low for x in keys)), "other elementwise")
+
+
 def profile_summary(clock) -> dict:
-    """Per step: wall time vs GPU kernel time (low GPU share = launch/Python bound), kernel count, top ops."""
+    """Per step: wall time vs GPU kernel time (low GPU share = launch/Python bound), kernel count, GPU
+    time by kind of kernel (gemm, dequantize, attention, ...), top kernels and top ops."""
     events = clock.prof.key_averages()
-    gpu_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA")  # kernels only:
-    # an op's self device time is its kernels' time again
-    kernels = sum(e.count for e in events if e.self_device_time_total > 0 and e.device_type.name == "CPU")
-    top = sorted(events, key=lambda e: -e.self_device_time_total)[:12]
     n = clock.profile
+    kernels = [e for e in events if e.device_type.name == "CUDA"]  # an op's self device time is its
+    gpu_us = sum(e.self_device_time_total for e in kernels)  # kernels' time again: count kernels only
+    kinds = {}
+    for e in kernels:
+        k = kernel_kind(e.key)
+        kinds[k] = kinds.get(k, 0.0) + e.self_device_time_total / 1000 / n
+    ops = [e for e in events if e.device_type.name == "CPU" and e.self_device_time_total > 0]
+    top = lambda es: [(e.key[:70], round(e.self_device_time_total / 1000 / n, 2), e.count // n)
+                      for e in sorted(es, key=lambda e: -e.self_device_time_total)[:15]]
     return {"wall_ms_per_step": round(clock.p_wall * 1000 / n, 1), "gpu_ms_per_step": round(gpu_us / 1000 / n, 1),
-            "ops_with_gpu_time_per_step": kernels // n,
-            "top": [(e.key[:60], round(e.self_device_time_total / 1000 / n, 2), e.count // n) for e in top]}
+            "kernels_per_step": sum(e.count for e in kernels) // n,
+            "gpu_ms_by_kind": {k: round(v, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "top_kernels": top(kernels), "top": top(ops)}
 
 
 def random_model(config: str, folder: Path) -> Path:
@@ -170,7 +187,9 @@ def print_row(r, base):
     if "profile" in r:
         pr = r["profile"]
         print(f"    profile: wall {pr['wall_ms_per_step']} ms/step, GPU busy {pr['gpu_ms_per_step']} ms/step, "
-              f"{pr['ops_with_gpu_time_per_step']} GPU ops/step; top: {pr['top'][:6]}", flush=True)
+              f"{pr['kernels_per_step']} kernels/step; by kind {pr['gpu_ms_by_kind']}", flush=True)
+        for k in pr["top_kernels"][:10]:
+            print(f"      {k[1]:9.2f} ms x{k[2]:<5d} {k[0]}", flush=True)
 
 
 def main():
