@@ -49,20 +49,39 @@ class Counting:
 
 class Clock(TrainerCallback):
     """Wall time and tokens from the end of step `warm` to the end of step `stop`; then, if asked, a
-    torch.profiler window of `profile` steps (outside the timed window)."""
+    torch.profiler window of `profile` steps (outside the timed window). Optional diagnostics, both
+    outside the timed window too: the allocator's history of step warm (benchmarks/memtrace.py) and a
+    py-spy recording of the host's Python stacks over the timed steps (they run slower then, and the
+    clock is only started after py-spy is attached)."""
 
-    def __init__(self, collator, warm, stop, profile=0):
+    def __init__(self, collator, warm, stop, profile=0, memory_trace=False, pyspy=None):
         self.collator, self.warm, self.stop, self.profile = collator, warm, stop, profile
-        self.t0 = self.tok0 = self.dt = self.tokens = self.prof = None
+        self.memory_trace, self.pyspy = memory_trace and torch.cuda.is_available(), pyspy
+        self.t0 = self.tok0 = self.dt = self.tokens = self.prof = self.memory = self.spy = None
+
+    def on_step_begin(self, args, state, control, **kw):
+        if self.memory_trace and state.global_step == self.warm - 1:
+            import memtrace  # beside this script
+
+            self.mem_base = memtrace.start()
 
     def on_step_end(self, args, state, control, **kw):
         step = state.global_step
+        if self.memory_trace and step == self.warm:
+            import memtrace  # beside this script
+
+            self.memory = memtrace.peak_report(memtrace.stop(), self.mem_base)
         if step in (self.warm, self.stop):
             sync()
+        if step == self.warm and self.pyspy:
+            self.spy = start_pyspy(self.pyspy)
         if step == self.warm:
             self.t0, self.tok0 = time.perf_counter(), self.collator.tokens
         if step == self.stop:
             self.dt, self.tokens = time.perf_counter() - self.t0, self.collator.tokens - self.tok0
+            if self.spy is not None:
+                self.spy.send_signal(2)  # SIGINT: py-spy writes its file and exits
+                self.spy.wait(60)
             if self.profile:
                 from torch.profiler import ProfilerActivity, profile
 
@@ -73,6 +92,17 @@ class Clock(TrainerCallback):
             sync()
             self.p_wall = time.perf_counter() - self.p0
             self.prof.__exit__(None, None, None)
+
+
+def start_pyspy(path):
+    """py-spy sampling this process's Python stacks into path (collapsed-stack text)."""
+    import os
+    import subprocess
+
+    spy = subprocess.Popen(["py-spy", "record", "--pid", str(os.getpid()), "--rate", "250", "--format", "raw",
+                            "--output", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    time.sleep(2)  # attached before the clock starts
+    return spy
 
 
 KERNEL_KINDS = (("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas")), ("dequantize", ("dequantize",)),
@@ -158,7 +188,8 @@ def run(mode, settings, model_dir, feats, tok, a):
     model = train.add_lora(models.load_model(p.model, "nf4", p.compute_dtype, a.device), p)
     t_load = time.perf_counter() - t_load
     collator = Counting(train.collator(p, tok))
-    clock = Clock(collator, a.warmup, a.steps, a.profile)
+    clock = Clock(collator, a.warmup, a.steps, a.profile, a.memory_trace,
+                  a.pyspy and f"{a.pyspy}.{len(a.done)}.txt")
     out = Path(a.work) / "run"
     args = train.training_args(p, out, len(feats))
     args.save_strategy, args.disable_tqdm = "no", True
@@ -175,6 +206,8 @@ def run(mode, settings, model_dir, feats, tok, a):
            "losses": losses}
     if a.profile:
         row["profile"] = profile_summary(clock)
+    if clock.memory:
+        row["memory"] = clock.memory
     del trainer, model
     shutil.rmtree(out, ignore_errors=True)
     return row
@@ -190,6 +223,12 @@ def print_row(r, base):
               f"{pr['kernels_per_step']} kernels/step; by kind {pr['gpu_ms_by_kind']}", flush=True)
         for k in pr["top_kernels"][:10]:
             print(f"      {k[1]:9.2f} ms x{k[2]:<5d} {k[0]}", flush=True)
+    if "memory" in r:
+        m = r["memory"]
+        print(f"    memory: {m['before_step_gib']} GiB before the step, +{m['step_peak_gib']} GiB at its peak, "
+              f"reached at {m['peak_event']}; alive then:", flush=True)
+        for gib, n, where in m["sites"]:
+            print(f"      {gib:7.3f} GiB x{n:<4d} {where}", flush=True)
 
 
 def main():
@@ -206,6 +245,8 @@ def main():
     ap.add_argument("--steps", type=int, default=30, help="optimizer steps timed up to (after --warmup)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--profile", type=int, default=0, help="profile this many steps after the timed ones")
+    ap.add_argument("--memory-trace", action="store_true", help="what is alive at the peak of the first timed step")
+    ap.add_argument("--pyspy", help="record the timed steps' Python stacks with py-spy into PATH.<mode>.txt")
     ap.add_argument("--params", default="params/course.yaml", help="where the project mode's settings come from")
     ap.add_argument("--modes", default="baseline,project")
     ap.add_argument("--work", default="/tmp/train_speed")
@@ -222,7 +263,9 @@ def main():
         a.config, Path(a.work) / ("model-" + Path(a.config).stem))
     result = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "torch": torch.__version__, "model": a.model or a.config,
               "micro_batch": a.micro_batch, "grad_accum": a.grad_accum, "params": a.params, "rows": []}
+    a.done = []
     for m in a.modes.split(","):
+        a.done.append(m)
         try:
             row = run(m, mode_settings(m, project), model_dir, feats, tok, a)
         except Exception as e:  # one failing mode (e.g. out of memory) must not lose the others
