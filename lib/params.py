@@ -132,6 +132,7 @@ class TrainParams(Common):
     keep_frozen_dtype: bool = False  # don't upcast frozen embeddings/norms/LM head to fp32 (peft's kbit prep does)
     cache_dequantized: bool = False  # dequantize the 4-bit weights once: same numbers, +2 bytes/weight
     compile: bool = False  # torch.compile each decoder layer
+    lean_nf4: bool = False  # 4-bit layers without bitsandbytes' Python wrappers (lib/nf4.py): same products
     optim: str = "adamw_torch"  # adamw_torch_fused: the same AdamW in one kernel per step
 
     def check(self):
@@ -149,8 +150,11 @@ class TrainParams(Common):
 
             if not hasattr(torch.compiler, "set_stance"):
                 raise ParamsError("compile: true needs torch >= 2.6 (torch.compiler.set_stance)")
-        if self.cache_dequantized and self.quantization != "nf4":
-            raise ParamsError("cache_dequantized needs quantization: nf4 (there is nothing to dequantize)")
+        for flag in ("cache_dequantized", "lean_nf4"):
+            if getattr(self, flag) and self.quantization != "nf4":
+                raise ParamsError(f"{flag} needs quantization: nf4 (there are no 4-bit layers)")
+        if self.cache_dequantized and self.lean_nf4:
+            raise ParamsError("cache_dequantized and lean_nf4 exclude each other (the cache replaces the 4-bit layers)")
         try:
             per_process_accum(self.grad_accum, self.num_processes)
         except ValueError as e:

@@ -18,3 +18,32 @@ def test_batched_equals_reference_on_gpu(quant, dtype):
     ref = evaluate.reference_perplexities(model, tok, ps, outs)
     fast = evaluate.perplexities(model, tok, ps, outs, batch_size=8, progress=False)
     assert fast.ppl == pytest.approx(ref.ppl, rel=1e-4)
+
+
+@pytest.mark.parametrize("rows", [7, 2048])  # bitsandbytes' fused kernel (few rows) and its dequantize path
+def test_nf4_linear_on_gpu(rows):
+    """A 7B-sized layer on CUDA: NF4Linear's weight equals bitsandbytes' exactly (eager: its kernels;
+    compiled: inductor's fused lookup); outputs and input gradients agree to bf16 rounding."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+
+    from lib import nf4
+
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(4096, 11008, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(11008, 4096) * 0.02, requires_grad=False, quant_type="nf4",
+                                     compress_statistics=True).cuda()
+    lean = nf4.NF4Linear(layer)
+    ref = dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(torch.bfloat16)
+    assert torch.equal(lean.weight_dequantized(), ref)
+    assert torch.equal(torch.compile(lambda: lean.weight_dequantized())(), ref)
+    x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    out0 = layer(x)
+    g0, = torch.autograd.grad(out0.float().square().sum(), x)
+    for fn in (lean, torch.compile(lean)):
+        out1 = fn(x)
+        g1, = torch.autograd.grad(out1.float().square().sum(), x)
+        torch.testing.assert_close(out1, out0, rtol=2e-2, atol=1e-3)
+        torch.testing.assert_close(g1, g0, rtol=2e-2, atol=1e-2)
+        if rows > 1536:  # the same dequantize + linear as bitsandbytes: bit for bit
+            assert torch.equal(out1, out0)

@@ -160,3 +160,65 @@ def test_compiled_layers_evaluate_eagerly_and_uncompile(tiny, sample_eval):
     speedups.uncompile(model)
     assert all(layer._compiled_call_impl is None for layer in layers)
     assert compiled == pytest.approx(evaluate.perplexities(model, tok, *args, progress=False).nll, rel=1e-6)
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_nf4_linear_dequantizes_as_bitsandbytes_eager_and_compiled(nested):
+    """NF4Linear's weight, output and input gradient equal bitsandbytes' exactly, in eager mode (its
+    kernels) and compiled (torch ops fused by inductor); its storage is the same memory."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+
+    from lib import nf4
+
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(256, 96, bias=True, compute_dtype=torch.bfloat16, compress_statistics=nested,
+                              quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(96, 256) * 0.02, requires_grad=False,
+                                     compress_statistics=nested, quant_type="nf4")._quantize("cpu")
+    layer.bias.requires_grad_(False)
+    lean = nf4.NF4Linear(layer)
+    assert lean.packed.data_ptr() == layer.weight.data_ptr() and type(lean.packed) is torch.Tensor
+    ref = dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(torch.bfloat16)
+    assert torch.equal(lean.weight_dequantized(), ref)
+    assert torch.equal(torch.compile(lambda: lean.weight_dequantized())(), ref)
+    x = torch.randn(5, 256, requires_grad=True)
+    for fn in (lean, torch.compile(lean)):
+        out0, out1 = layer(x), fn(x)
+        g0, = torch.autograd.grad(out0.square().sum(), x)
+        g1, = torch.autograd.grad(out1.square().sum(), x)
+        assert out1.dtype == out0.dtype == torch.float32
+        assert torch.equal(out1, out0) and torch.equal(g1, g0)
+
+
+def test_lean_nf4_replaces_every_4bit_layer_and_keeps_the_step(tiny):
+    """lean_nf4: no bitsandbytes layer is left, and one training step's loss and LoRA gradients are
+    the seed path's."""
+    import bitsandbytes as bnb
+
+    _, _, tok = tiny
+    feats, _ = train.encode_examples(tok, data.load_split("data/sample", "train", limit=4), "course", 2048)
+    base = dict(model="tiny-llama", compute_dtype="float32", keep_frozen_dtype=True)
+    _, loss0, g0 = _step(params.TrainParams(**base), feats, tok)
+    model, loss, g = _step(params.TrainParams(**base, lean_nf4=True), feats, tok)
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    assert loss == loss0
+    assert g.keys() == g0.keys() and all(torch.equal(g[k], g0[k]) for k in g0)
+
+
+def test_lean_nf4_needs_nf4_and_excludes_the_cache():
+    with pytest.raises(params.ParamsError, match="lean_nf4 needs"):
+        params.TrainParams(model="tiny-llama", quantization="none", lean_nf4=True).check()
+    with pytest.raises(params.ParamsError, match="exclude each other"):
+        params.TrainParams(model="tiny-llama", lean_nf4=True, cache_dequantized=True).check()
+
+
+def test_floating_point_ops_is_hf_value(tiny):
+    """The cached count gives HF's own number."""
+    from transformers import Trainer
+
+    model, _, _ = tiny
+    trainer = train.AnswerLossTrainer.__new__(train.AnswerLossTrainer)
+    trainer.model = model
+    inputs = {"input_ids": torch.ones(3, 17, dtype=torch.long)}
+    assert trainer.floating_point_ops(inputs) == Trainer.floating_point_ops(trainer, inputs) > 0

@@ -1,0 +1,105 @@
+"""Frozen NF4 linear layers without bitsandbytes' Python layers (TrainParams.lean_nf4).
+
+A 7B QLoRA step is bound by the host, not the GPU (benchmarks/README.md: ~0.4 s of GPU work in a
+~1 s step). py-spy showed ~20% of the host's time in bitsandbytes' Python around each 4-bit matmul:
+`Params4bit.__torch_function__` on every op that touches the weight, `matmul_4bit`'s checks, the
+`gemm_4bit` op's dispatch to its dequantize-then-linear fallback. NF4Linear keeps the same packed
+storage and computes the same thing with fewer steps:
+
+- eager: the two bitsandbytes kernels the fallback itself runs (absmax, then weight) and F.linear;
+- under torch.compile: the dequantization written in torch ops (a table lookup and a multiply), which
+  inductor fuses into one kernel with no Python in between.
+
+Backward dequantizes again instead of keeping the 16-bit weight, as bitsandbytes does (memory).
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NESTED_BLOCK = 256  # bitsandbytes' block size for the double-quantized absmax (the only one it supports)
+
+
+def _absmax(absmax, absmax2, code2, offset):
+    """fp32 absmax per 64-weight block (double quantization undone)."""
+    if absmax2 is None:
+        return absmax
+    if torch.compiler.is_compiling():
+        block = torch.arange(absmax.numel(), device=absmax.device) // NESTED_BLOCK
+        return code2[absmax.long()] * absmax2[block] + offset
+    return torch.ops.bitsandbytes.dequantize_blockwise(absmax, absmax2, code2, NESTED_BLOCK, torch.float32) + offset
+
+
+def dequantize(packed, absmax, absmax2, code2, offset, code, blocksize: int, shape, dtype):
+    """The weight [out, in] in dtype, as bitsandbytes' dequantize_4bit computes it (high nibble first,
+    table value times its block's absmax in fp32, rounded once to dtype)."""
+    scale = _absmax(absmax, absmax2, code2, offset)
+    if torch.compiler.is_compiling():
+        nibbles = torch.stack((packed >> 4, packed & 15), dim=-1).view(-1, blocksize)
+        return (code[nibbles.long()] * scale[:, None]).to(dtype).view(shape)
+    return torch.ops.bitsandbytes.dequantize_4bit(packed, scale, blocksize, "nf4", list(shape), dtype)
+
+
+class _Matmul(torch.autograd.Function):
+    """x @ W.t() with W dequantized in forward and again in backward (never saved)."""
+
+    @staticmethod
+    def forward(ctx, x, bias, packed, absmax, absmax2, code2, offset, code, blocksize, shape):
+        ctx.save_for_backward(packed, absmax, absmax2, code2, offset, code)
+        ctx.blocksize, ctx.shape = blocksize, shape
+        w = dequantize(packed, absmax, absmax2, code2, offset, code, blocksize, shape, x.dtype)
+        return F.linear(x, w, bias)  # as bitsandbytes: the bias (frozen) inside the same linear
+
+    @staticmethod
+    def backward(ctx, grad):
+        w = dequantize(*ctx.saved_tensors, ctx.blocksize, ctx.shape, grad.dtype)
+        return (grad @ w,) + (None,) * 9
+
+
+class NF4Linear(nn.Module):
+    """A bitsandbytes Linear4bit (NF4, absmax double-quantized or not) on the same storage."""
+
+    def __init__(self, layer):
+        super().__init__()
+        qs = layer.weight.quant_state
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.compute_dtype = layer.compute_dtype or torch.float32
+        self.blocksize, self.shape = qs.blocksize, tuple(qs.shape)
+        nested = qs.nested
+        # plain tensors on the same memory: no Params4bit, so no __torch_function__ on every op
+        for name, t in (("packed", layer.weight.data.view(-1)), ("code", qs.code), ("absmax", qs.absmax),
+                        ("absmax2", qs.state2.absmax if nested else None), ("code2", qs.state2.code if nested else None),
+                        ("offset", qs.offset if nested else None)):
+            self.register_buffer(name, None if t is None else torch.Tensor._make_subclass(torch.Tensor, t),
+                                 persistent=False)
+        self.bias = layer.bias
+
+    def weight_dequantized(self, dtype=None):
+        return dequantize(self.packed, self.absmax, self.absmax2, self.code2, self.offset, self.code,
+                          self.blocksize, self.shape, dtype or self.compute_dtype)
+
+    def forward(self, x):
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        return _Matmul.apply(x.to(self.compute_dtype), bias, self.packed, self.absmax, self.absmax2, self.code2,
+                             self.offset, self.code, self.blocksize, self.shape).to(x.dtype)
+
+
+def supported(layer) -> bool:
+    """NF4 in uint8 storage, whole blocks, a frozen bias (its gradient is not computed)."""
+    qs = getattr(layer.weight, "quant_state", None)
+    return (qs is not None and (layer.bias is None or not layer.bias.requires_grad) and qs.quant_type == "nf4" and layer.weight.dtype == torch.uint8
+            and layer.weight.numel() * 2 % qs.blocksize == 0
+            and (not qs.nested or qs.state2.blocksize == NESTED_BLOCK))
+
+
+def replace_4bit(model) -> int:
+    """Replace every supported bitsandbytes Linear4bit in model (also inside LoRA wrappers) by an
+    NF4Linear on the same storage; returns how many were replaced."""
+    import bitsandbytes as bnb
+
+    n = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, bnb.nn.Linear4bit) and supported(child):
+                setattr(parent, name, NF4Linear(child))
+                n += 1
+    return n
