@@ -1,8 +1,8 @@
-"""Where a step's peak GPU memory goes: record the allocator's history for one step, replay it, and
-list what was alive at the peak, grouped by the Python line that allocated it.
+"""Where a run's peak GPU memory goes: record the allocator's history, replay it, and list what was
+alive at the peak, grouped by the Python lines that allocated it.
 
-Memory allocated before the recording (weights, optimizer state) is reported as one number; the rest
-is what the step itself adds. Allocations made by the autograd engine outside Python show as
+Memory allocated before the recording (the model) is reported as one number; the rest (optimizer
+state, activations, gradients) is listed. Allocations made by the autograd engine outside Python show as
 '(backward, no Python frame)'.
 """
 import torch
@@ -11,7 +11,7 @@ SKIP = ("torch/nn/modules/module.py", "torch/utils/_contextlib.py", "torch/_comp
         "torch/_dynamo/eval_frame.py", "torch/utils/checkpoint.py", "torch/_tensor.py", "<frozen", "contextlib.py")
 
 
-def start(max_entries=400_000):
+def start(max_entries=3_000_000):
     torch.cuda.synchronize()
     torch.cuda.memory._record_memory_history(max_entries=max_entries, stacks="python")
     return torch.cuda.memory_allocated()
@@ -57,6 +57,6 @@ def peak_report(snap, base: int, top=12) -> dict:
         s[0] += e["size"]
         s[1] += 1
     gib = 2 ** 30
-    return {"before_step_gib": round(base / gib, 2), "step_peak_gib": round(best / gib, 2),
+    return {"before_gib": round(base / gib, 2), "peak_gib": round(best / gib, 2),
             "peak_event": site(events[best_i].get("frames", []), 6) if events else "",
             "sites": [(round(v[0] / gib, 3), v[1], k) for k, v in sorted(sites.items(), key=lambda kv: -kv[1][0])[:top]]}

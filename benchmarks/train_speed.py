@@ -50,27 +50,28 @@ class Counting:
 class Clock(TrainerCallback):
     """Wall time and tokens from the end of step `warm` to the end of step `stop`; then, if asked, a
     torch.profiler window of `profile` steps (outside the timed window). Optional diagnostics, both
-    outside the timed window too: the allocator's history of step warm (benchmarks/memtrace.py) and a
-    py-spy recording of the host's Python stacks over the timed steps (they run slower then, and the
-    clock is only started after py-spy is attached)."""
+    slowing the timed steps: the allocator's history of the whole run (benchmarks/memtrace.py: what is
+    alive at the peak) and a py-spy recording of the host's Python stacks over the timed steps."""
 
     def __init__(self, collator, warm, stop, profile=0, memory_trace=False, pyspy=None):
         self.collator, self.warm, self.stop, self.profile = collator, warm, stop, profile
         self.memory_trace, self.pyspy = memory_trace and torch.cuda.is_available(), pyspy
         self.t0 = self.tok0 = self.dt = self.tokens = self.prof = self.memory = self.spy = None
 
-    def on_step_begin(self, args, state, control, **kw):
-        if self.memory_trace and state.global_step == self.warm - 1:
+    def on_train_begin(self, args, state, control, **kw):
+        if self.memory_trace:
             import memtrace  # beside this script
 
             self.mem_base = memtrace.start()
 
-    def on_step_end(self, args, state, control, **kw):
-        step = state.global_step
-        if self.memory_trace and step == self.warm:
-            import memtrace  # beside this script
+    def on_train_end(self, args, state, control, **kw):
+        if self.memory_trace:
+            import memtrace
 
             self.memory = memtrace.peak_report(memtrace.stop(), self.mem_base)
+
+    def on_step_end(self, args, state, control, **kw):
+        step = state.global_step
         if step in (self.warm, self.stop):
             sync()
         if step == self.warm and self.pyspy:
@@ -225,7 +226,7 @@ def print_row(r, base):
             print(f"      {k[1]:9.2f} ms x{k[2]:<5d} {k[0]}", flush=True)
     if "memory" in r:
         m = r["memory"]
-        print(f"    memory: {m['before_step_gib']} GiB before the step, +{m['step_peak_gib']} GiB at its peak, "
+        print(f"    memory: {m['before_gib']} GiB before training, +{m['peak_gib']} GiB at the peak, "
               f"reached at {m['peak_event']}; alive then:", flush=True)
         for gib, n, where in m["sites"]:
             print(f"      {gib:7.3f} GiB x{n:<4d} {where}", flush=True)
@@ -245,7 +246,7 @@ def main():
     ap.add_argument("--steps", type=int, default=30, help="optimizer steps timed up to (after --warmup)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--profile", type=int, default=0, help="profile this many steps after the timed ones")
-    ap.add_argument("--memory-trace", action="store_true", help="what is alive at the peak of the first timed step")
+    ap.add_argument("--memory-trace", action="store_true", help="what is alive at the run's peak (slows it)")
     ap.add_argument("--pyspy", help="record the timed steps' Python stacks with py-spy into PATH.<mode>.txt")
     ap.add_argument("--params", default="params/course.yaml", help="where the project mode's settings come from")
     ap.add_argument("--modes", default="baseline,project")

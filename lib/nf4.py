@@ -20,20 +20,20 @@ NESTED_BLOCK = 256  # bitsandbytes' block size for the double-quantized absmax (
 
 
 def _absmax(absmax, absmax2, code2, offset):
-    """fp32 absmax per 64-weight block (double quantization undone)."""
+    """fp32 absmax per 64-weight block (double quantization undone). bitsandbytes' own kernel even under
+    torch.compile: fused, code2[q] * absmax2 + offset would become one fma, a rounding fewer than
+    bitsandbytes (which stores the product, then adds), and the weights would differ in the last bit."""
     if absmax2 is None:
         return absmax
-    if torch.compiler.is_compiling():
-        block = torch.arange(absmax.numel(), device=absmax.device) // NESTED_BLOCK
-        return code2[absmax.long()] * absmax2[block] + offset
     return torch.ops.bitsandbytes.dequantize_blockwise(absmax, absmax2, code2, NESTED_BLOCK, torch.float32) + offset
 
 
-def dequantize(packed, absmax, absmax2, code2, offset, code, blocksize: int, shape, dtype):
+def dequantize(packed, absmax, absmax2, code2, offset, code, blocksize: int, shape, dtype, fuse=None):
     """The weight [out, in] in dtype, as bitsandbytes' dequantize_4bit computes it (high nibble first,
-    table value times its block's absmax in fp32, rounded once to dtype)."""
+    table value times its block's absmax in fp32, rounded once to dtype). fuse (default: when torch.compile
+    traces this) writes the lookup in torch ops, which inductor turns into one kernel."""
     scale = _absmax(absmax, absmax2, code2, offset)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() if fuse is None else fuse:
         nibbles = torch.stack((packed >> 4, packed & 15), dim=-1).view(-1, blocksize)
         return (code[nibbles.long()] * scale[:, None]).to(dtype).view(shape)
     return torch.ops.bitsandbytes.dequantize_4bit(packed, scale, blocksize, "nf4", list(shape), dtype)
@@ -51,7 +51,9 @@ class _Matmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        w = dequantize(*ctx.saved_tensors, ctx.blocksize, ctx.shape, grad.dtype)
+        # bitsandbytes' kernel, not the fused lookup: compiled, the two identical lookups of forward and
+        # backward would be merged into one whose 16-bit result is kept for backward (+1.2 GiB at 7B)
+        w = dequantize(*ctx.saved_tensors, ctx.blocksize, ctx.shape, grad.dtype, fuse=False)
         return (grad @ w,) + (None,) * 9
 
 
