@@ -156,8 +156,10 @@ def random_model(config: str, folder: Path) -> Path:
 
 
 def features(tok, a):
-    recs = data.load_split(a.data_dir, "train", limit=a.records)
+    recs = data.load_split(a.data_dir, "train", limit=None if a.longest else a.records)
     feats, cut = train.encode_examples(tok, recs, "course", a.max_length)
+    if a.longest:  # every batch as long as the split's longest: the worst case of memory
+        feats = sorted(feats, key=lambda f: -len(f["input_ids"]))[:a.records]
     vocab = a.vocab or len(tok)
     for f in feats:  # a proxy tokenizer's ids folded into the benchmarked model's vocabulary
         f["input_ids"] = [i % vocab for i in f["input_ids"]]
@@ -249,6 +251,7 @@ def main():
     ap.add_argument("--vocab", type=int, default=0, help="fold token ids into this vocabulary (proxy tokenizer)")
     ap.add_argument("--data-dir", default="data/raw")
     ap.add_argument("--records", type=int, default=2000)
+    ap.add_argument("--longest", action="store_true", help="the split's longest records (peak memory's worst case)")
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--micro-batch", type=int, default=16)
     ap.add_argument("--grad-accum", type=int, default=1)
