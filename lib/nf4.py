@@ -6,12 +6,16 @@ A 7B QLoRA step is bound by the host, not the GPU (benchmarks/README.md: ~0.4 s 
 `gemm_4bit` op's dispatch to its dequantize-then-linear fallback. NF4Linear keeps the same packed
 storage and computes the same thing with fewer steps:
 
-- eager: the two bitsandbytes kernels the fallback itself runs (absmax, then weight) and F.linear;
+- eager: bitsandbytes' own `gemm_4bit` op, called as `matmul_4bit` calls it (a fused kernel for few
+  rows, dequantize + F.linear for many), so results are bitsandbytes' to the bit;
 - under torch.compile: the dequantization written in torch ops (a table lookup and a multiply), which
-  inductor fuses into one kernel with no Python in between.
+  inductor fuses into one kernel with no Python in between, then F.linear: bitsandbytes' own path
+  for more than 1,536 rows (to the bit), bf16 rounding away from its fused kernel for fewer.
 
 Backward dequantizes again instead of keeping the 16-bit weight, as bitsandbytes does (memory).
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,15 +43,33 @@ def dequantize(packed, absmax, absmax2, code2, offset, code, blocksize: int, sha
     return torch.ops.bitsandbytes.dequantize_4bit(packed, scale, blocksize, "nf4", list(shape), dtype)
 
 
+@functools.cache
+def _has_gemm_op() -> bool:
+    """bitsandbytes >= 0.50: gemm_4bit takes the double-quantized absmax itself."""
+    return "absmax_8bit" in str(torch.ops.bitsandbytes.gemm_4bit.default._schema)
+
+
+def _bnb_linear(x, bias, packed, absmax, absmax2, code2, offset, blocksize, shape):
+    """bitsandbytes' 4-bit linear op with the arguments its matmul_4bit passes."""
+    if absmax2 is None:
+        return torch.ops.bitsandbytes.gemm_4bit.default(x, packed.view(-1, 1), list(shape), absmax, blocksize, "nf4",
+                                                        bias=bias)
+    return torch.ops.bitsandbytes.gemm_4bit.default(x, packed.view(-1, 1), list(shape), absmax2, blocksize, "nf4",
+                                                    bias=bias, absmax_8bit=absmax, absmax_code=code2,
+                                                    absmax_offset=offset)
+
+
 class _Matmul(torch.autograd.Function):
-    """x @ W.t() with W dequantized in forward and again in backward (never saved)."""
+    """x @ W.t() + bias; W is dequantized again in backward, never saved (as bitsandbytes does)."""
 
     @staticmethod
     def forward(ctx, x, bias, packed, absmax, absmax2, code2, offset, code, blocksize, shape):
         ctx.save_for_backward(packed, absmax, absmax2, code2, offset, code)
         ctx.blocksize, ctx.shape = blocksize, shape
+        if not torch.compiler.is_compiling() and _has_gemm_op():
+            return _bnb_linear(x, bias, packed, absmax, absmax2, code2, offset, blocksize, shape)
         w = dequantize(packed, absmax, absmax2, code2, offset, code, blocksize, shape, x.dtype)
-        return F.linear(x, w, bias)  # as bitsandbytes: the bias (frozen) inside the same linear
+        return F.linear(x, w, bias)  # the (frozen) bias inside the same linear, as bitsandbytes
 
     @staticmethod
     def backward(ctx, grad):

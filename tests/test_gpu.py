@@ -23,7 +23,8 @@ def test_batched_equals_reference_on_gpu(quant, dtype):
 @pytest.mark.parametrize("rows", [7, 2048])  # bitsandbytes' fused kernel (few rows) and its dequantize path
 def test_nf4_linear_on_gpu(rows):
     """A 7B-sized layer on CUDA: NF4Linear's weight equals bitsandbytes' exactly (eager: its kernels;
-    compiled: inductor's fused lookup); outputs and input gradients agree to bf16 rounding."""
+    compiled: inductor's fused lookup); eager outputs and input gradients are bitsandbytes' to the bit,
+    compiled ones too for many rows (its dequantize path) and to bf16 rounding for few (its fused kernel)."""
     import bitsandbytes as bnb
     from bitsandbytes.functional import dequantize_4bit
 
@@ -45,5 +46,5 @@ def test_nf4_linear_on_gpu(rows):
         g1, = torch.autograd.grad(out1.float().square().sum(), x)
         torch.testing.assert_close(out1, out0, rtol=2e-2, atol=1e-3)
         torch.testing.assert_close(g1, g0, rtol=2e-2, atol=1e-2)
-        if rows > 1536:  # the same dequantize + linear as bitsandbytes: bit for bit
-            assert torch.equal(out1, out0)
+        if fn is lean or rows > 1536:
+            assert torch.equal(out1, out0) and torch.equal(g1, g0)

@@ -150,3 +150,28 @@ def test_pack_rows_first_fit():
     assert batch["input_ids"].shape == (3, 16)  # the longest row, 12, rounded up to a multiple of 8
     assert batch["position_ids"][1].tolist() == [0, 1, 2, 3, 4, 5, 0, 1, 2, 3] + list(range(6))
     assert batch["labels"][2].tolist() == [1] * 10 + [train.IGNORE] * 6
+
+
+def test_lean_nf4_run_equals_the_seed_path_and_its_adapter_loads_on_bitsandbytes(tmp_path):
+    """A whole run with lean_nf4 gives the very same learning curve, and its saved adapter scores the
+    same on a freshly loaded bitsandbytes model (adapters stay portable)."""
+    from dataclasses import replace
+
+    import bitsandbytes as bnb
+    from peft import PeftModel
+
+    from lib import models
+
+    p0 = tiny_params(max_steps=4, eval_steps=2, save_steps=4, keep_frozen_dtype=True, packing=True)
+    tr = data.load_split(p0.data_dir, "train")
+    ev = data.load_split(p0.data_dir, "public_test", limit=6)
+    _, _, seed, _ = train.finetune(p0, tr, ev, tmp_path / "seed")
+    model, tok, lean, s = train.finetune(replace(p0, lean_nf4=True), tr, ev, tmp_path / "lean")
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    assert lean.eval_ppl.tolist() == seed.eval_ppl.tolist()
+    assert lean.eval_ppl.iloc[-1] < lean.eval_ppl.iloc[0]
+    plain = PeftModel.from_pretrained(models.load_model(p0.model, "nf4", p0.compute_dtype, "cpu"),
+                                      tmp_path / "lean" / "best_adapter")
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in plain.modules())
+    df = evaluate.score_records(plain, tok, ev, [prompts.build(r["instruction"]) for r in ev], 4, p0.max_length)
+    assert df.ppl.mean() == pytest.approx(s["best_ppl"], rel=1e-6)
