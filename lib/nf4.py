@@ -89,12 +89,14 @@ class NF4Linear(nn.Module):
         self.compute_dtype = layer.compute_dtype or torch.float32
         self.blocksize, self.shape = qs.blocksize, tuple(qs.shape)
         nested = qs.nested
-        # plain tensors on the same memory: no Params4bit, so no __torch_function__ on every op
-        for name, t in (("packed", layer.weight.data.view(-1)), ("code", qs.code), ("absmax", qs.absmax),
-                        ("absmax2", qs.state2.absmax if nested else None), ("code2", qs.state2.code if nested else None),
-                        ("offset", qs.offset if nested else None)):
-            self.register_buffer(name, None if t is None else torch.Tensor._make_subclass(torch.Tensor, t),
-                                 persistent=False)
+        # the same memory as plain tensors: no Params4bit, so no __torch_function__ on every op. The packed
+        # weight stays a frozen parameter (parameter counts as before; DDP syncs it once, at wrap time);
+        # the quantization state stays unregistered, as bitsandbytes keeps it: DDP would broadcast
+        # buffers on every forward
+        self.packed = nn.Parameter(torch.Tensor._make_subclass(torch.Tensor, layer.weight.data.view(-1)),
+                                   requires_grad=False)
+        self.code, self.absmax = qs.code, qs.absmax
+        self.absmax2, self.code2, self.offset = (qs.state2.absmax, qs.state2.code, qs.offset) if nested else (None,) * 3
         self.bias = layer.bias
 
     def weight_dequantized(self, dtype=None):

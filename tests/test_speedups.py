@@ -178,7 +178,8 @@ def test_nf4_linear_dequantizes_as_bitsandbytes_eager_and_compiled(nested):
                                      compress_statistics=nested, quant_type="nf4")._quantize("cpu")
     layer.bias.requires_grad_(False)
     lean = nf4.NF4Linear(layer)
-    assert lean.packed.data_ptr() == layer.weight.data_ptr() and type(lean.packed) is torch.Tensor
+    assert lean.packed.data_ptr() == layer.weight.data_ptr() and not isinstance(lean.packed, bnb.nn.Params4bit)
+    assert list(lean.buffers()) == [] and [x.numel() for x in lean.parameters()] == [x.numel() for x in layer.parameters()]
     ref = dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(torch.bfloat16)
     assert torch.equal(lean.weight_dequantized(), ref)
     assert torch.equal(torch.compile(lambda: lean.weight_dequantized())(), ref)
