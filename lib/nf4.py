@@ -1,7 +1,7 @@
 """Frozen NF4 linear layers without bitsandbytes' Python layers (TrainParams.lean_nf4).
 
 A 7B QLoRA step is bound by the host, not the GPU (benchmarks/README.md: ~0.4 s of GPU work in a
-~1 s step). py-spy showed ~20% of the host's time in bitsandbytes' Python around each 4-bit matmul:
+~1 s step). py-spy showed ~23% of the host's time in bitsandbytes' Python around each 4-bit matmul:
 `Params4bit.__torch_function__` on every op that touches the weight, `matmul_4bit`'s checks, the
 `gemm_4bit` op's dispatch to its dequantize-then-linear fallback. NF4Linear keeps the same packed
 storage and computes the same thing with fewer steps:
@@ -112,7 +112,8 @@ class NF4Linear(nn.Module):
 def supported(layer) -> bool:
     """NF4 in uint8 storage, whole blocks, a frozen bias (its gradient is not computed)."""
     qs = getattr(layer.weight, "quant_state", None)
-    return (qs is not None and (layer.bias is None or not layer.bias.requires_grad) and qs.quant_type == "nf4" and layer.weight.dtype == torch.uint8
+    return (qs is not None and qs.quant_type == "nf4" and layer.weight.dtype == torch.uint8
+            and (layer.bias is None or not layer.bias.requires_grad)
             and layer.weight.numel() * 2 % qs.blocksize == 0
             and (not qs.nested or qs.state2.blocksize == NESTED_BLOCK))
 
