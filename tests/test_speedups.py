@@ -223,3 +223,19 @@ def test_floating_point_ops_is_hf_value(tiny):
     trainer.model = model
     inputs = {"input_ids": torch.ones(3, 17, dtype=torch.long)}
     assert trainer.floating_point_ops(inputs) == Trainer.floating_point_ops(trainer, inputs) > 0
+
+
+def test_replace_4bit_leaves_what_it_does_not_support():
+    """FP4 layers keep bitsandbytes' path; NF4 ones are replaced."""
+    import bitsandbytes as bnb
+
+    from lib import nf4
+
+    def layer(kind):
+        m = bnb.nn.Linear4bit(128, 64, bias=False, quant_type=kind)
+        m.weight = bnb.nn.Params4bit(torch.randn(64, 128), requires_grad=False, quant_type=kind)._quantize("cpu")
+        return m
+
+    model = torch.nn.Sequential(layer("nf4"), layer("fp4"))
+    assert nf4.replace_4bit(model) == 1
+    assert isinstance(model[0], nf4.NF4Linear) and isinstance(model[1], bnb.nn.Linear4bit)
