@@ -7,9 +7,9 @@ gradient checkpointing. `project` takes the speed settings of a params file (def
 params/course.yaml: what the project uses on a GPU). Any mode can be changed with +key=value
 (TrainParams fields), e.g. `project+compile=false` or `baseline+compute_dtype=bfloat16`.
 
-Prints real (non-pad) tokens/s, peak GPU memory while training (and while loading), the ratio to the first mode and the mean loss of the
-last steps; --json keeps the loss curves. Random weights: the speed and memory of QLoRA do not depend
-on the weight values.
+Prints real (non-pad) tokens/s, peak GPU memory while training (and while loading), the ratio to the
+first mode and the mean loss of the last steps; --json keeps the loss curves. Random weights: the speed
+and memory of QLoRA do not depend on the weight values.
 
     python benchmarks/train_speed.py --config gemma3-270m.json --tokenizer tok/ --data-dir data/raw
 """
@@ -183,7 +183,7 @@ def mode_settings(mode: str, project: dict) -> dict:
     return out
 
 
-def run(mode, settings, model_dir, feats, tok, a):
+def run(mode, settings, model_dir, feats, tok, a, spy_file=None):
     p = params.TrainParams(**{**dict(model=str(model_dir), micro_batch_size=a.micro_batch, grad_accum=a.grad_accum,
                               max_steps=a.steps + a.profile, logging_steps=1, save_steps=10 ** 6, eval_steps=1,
                               lr_scheduler="constant", seed=0), **settings})
@@ -198,8 +198,7 @@ def run(mode, settings, model_dir, feats, tok, a):
     model = train.add_lora(models.load_model(p.model, "nf4", p.compute_dtype, a.device), p)
     t_load = time.perf_counter() - t_load
     collator = Counting(train.collator(p, tok))
-    clock = Clock(collator, a.warmup, a.steps, a.profile, a.memory_trace,
-                  a.pyspy and f"{a.pyspy}.{len(a.done)}.txt")
+    clock = Clock(collator, a.warmup, a.steps, a.profile, a.memory_trace, spy_file)
     out = Path(a.work) / "run"
     args = train.training_args(p, out, len(feats))
     args.save_strategy, args.disable_tqdm = "no", True
@@ -276,11 +275,9 @@ def main():
         a.config, Path(a.work) / ("model-" + Path(a.config).stem))
     result = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "torch": torch.__version__, "model": a.model or a.config,
               "micro_batch": a.micro_batch, "grad_accum": a.grad_accum, "params": a.params, "rows": []}
-    a.done = []
-    for m in a.modes.split(","):
-        a.done.append(m)
+    for i, m in enumerate(a.modes.split(","), 1):
         try:
-            row = run(m, mode_settings(m, project), model_dir, feats, tok, a)
+            row = run(m, mode_settings(m, project), model_dir, feats, tok, a, a.pyspy and f"{a.pyspy}.{i}.txt")
         except Exception as e:  # one failing mode (e.g. out of memory) must not lose the others
             print(f"{m}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
             result["rows"].append({"mode": m, "error": f"{type(e).__name__}: {e}"[:2000]})
