@@ -1,0 +1,54 @@
+"""The benchmark scripts run, and their diagnostics compute what they claim (no timing asserted)."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import memtrace  # noqa: E402
+import stacks  # noqa: E402
+import train_speed  # noqa: E402
+
+
+def test_train_speed_modes_on_the_tiny_model(tmp_path, monkeypatch):
+    """Baseline and project (seed settings but the answer-only loss) see the same batches: same losses."""
+    out = tmp_path / "r.json"
+    monkeypatch.setattr(sys, "argv", [
+        "train_speed.py", "--model", "tiny-llama", "--data-dir", "data/sample", "--records", "16",
+        "--micro-batch", "4", "--steps", "3", "--warmup", "1", "--device", "cpu", "--params", "params/default.yaml",
+        "--work", str(tmp_path / "w"), "--json", str(out), "--modes", "baseline,project+lean_nf4=true"])
+    train_speed.main()
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["baseline", "project+lean_nf4=true"]
+    assert rows[0]["settings"] == train_speed.BASELINE and rows[1]["settings"]["lean_nf4"] is True
+    assert all(r["tokens_per_s"] > 0 and len(r["losses"]) == 3 for r in rows)
+    assert rows[1]["losses"] == pytest.approx(rows[0]["losses"], rel=1e-4)
+
+
+def test_mode_settings_reject_unknown_keys():
+    with pytest.raises(SystemExit, match="not a TrainParams field"):
+        train_speed.mode_settings("project+nope=1", {})
+    assert train_speed.mode_settings("baseline+compile=true", {})["compile"] is True
+
+
+def test_memtrace_finds_the_peak_and_what_is_alive_then():
+    f = lambda name: [{"filename": "/x/site-packages/lib/a.py", "line": 3, "name": name}]
+    events = [{"action": "alloc", "addr": 1, "size": 100, "frames": f("weights")},
+              {"action": "alloc", "addr": 2, "size": 50, "frames": f("temp")},
+              {"action": "free_completed", "addr": 2, "size": 50},
+              {"action": "alloc", "addr": 3, "size": 70, "frames": f("act")},  # peak: 170
+              {"action": "free_completed", "addr": 3, "size": 70}]
+    r = memtrace.peak_report({"device_traces": [events]}, base=0)
+    assert r["peak_gib"] == round(170 / 2 ** 30, 2)
+    assert sorted(s[1:] for s in r["sites"]) == [(1, "lib/a.py:3 act"), (1, "lib/a.py:3 weights")]
+
+
+def test_stacks_counts_a_function_once_per_sample(tmp_path):
+    raw = tmp_path / "s.txt"
+    raw.write_text("main (a.py:1);f (a.py:5);f (a.py:9) 3\nmain (a.py:1);g (b.py:2) 1\n")
+    total, inclusive, self_time = stacks.summarize(raw)
+    assert total == 4 and inclusive["f (a.py)"] == 3 and inclusive["main (a.py)"] == 4
+    assert self_time["f (a.py:9)"] == 3 and self_time["g (b.py:2)"] == 1
