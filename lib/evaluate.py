@@ -144,7 +144,6 @@ def bits_per_char(df) -> float:
 
 def summarize(df, by) -> "pd.DataFrame":
     """Mean perplexity (the course score) per group, overall and per direction, plus bits/char."""
-    import numpy as np
     import pandas as pd
 
     by = [by] if isinstance(by, str) else list(by)

@@ -118,15 +118,20 @@ def supported(layer) -> bool:
             and (not qs.nested or qs.state2.blocksize == NESTED_BLOCK))
 
 
-def replace_4bit(model) -> int:
-    """Replace every supported bitsandbytes Linear4bit in model (also inside LoRA wrappers) by an
-    NF4Linear on the same storage; returns how many were replaced."""
+def swap_4bit(model, make, accept=lambda layer: True) -> int:
+    """Replace every bitsandbytes Linear4bit in model (also inside LoRA wrappers) that accept() takes by
+    make(layer); returns how many were replaced."""
     import bitsandbytes as bnb
 
     n = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, bnb.nn.Linear4bit) and supported(child):
-                setattr(parent, name, NF4Linear(child))
+            if isinstance(child, bnb.nn.Linear4bit) and accept(child):
+                setattr(parent, name, make(child))
                 n += 1
     return n
+
+
+def replace_4bit(model) -> int:
+    """Every supported 4-bit layer by an NF4Linear on the same storage; returns how many."""
+    return swap_4bit(model, NF4Linear, supported)

@@ -1,5 +1,4 @@
 """05_report: tables and figures from the saved results of 01-04 (never recomputed)."""
-from pathlib import Path
 
 import pandas as pd
 

@@ -37,14 +37,9 @@ def _dequantized(layer) -> DequantizedLinear:
 def cache_dequantized(model) -> int:
     """Replace every bitsandbytes 4-bit Linear in model (also inside LoRA wrappers) by its
     DequantizedLinear; returns how many were replaced."""
-    import bitsandbytes as bnb
+    from .nf4 import swap_4bit
 
-    n = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, bnb.nn.Linear4bit):
-                setattr(parent, name, _dequantized(child))
-                n += 1
+    n = swap_4bit(model, _dequantized)
     if n and torch.cuda.is_available():
         torch.cuda.empty_cache()  # the packed 4-bit storage is gone
     return n

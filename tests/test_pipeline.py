@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from lib import models, tiny
+from lib import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {

@@ -114,11 +114,6 @@ def test_keep_frozen_dtype_leaves_bf16_weights_bf16(tiny):
     assert dtypes == {False: torch.float32, True: torch.bfloat16}
 
 
-def test_cache_dequantized_needs_nf4():
-    with pytest.raises(params.ParamsError, match="cache_dequantized"):
-        params.TrainParams(model="tiny-llama", quantization="none", cache_dequantized=True).check()
-
-
 def test_answer_loss_runs_lora_under_bf16_autocast(tiny):
     """With bf16 compute the answer-only loss runs under autocast, as the model's own forward does
     under the Trainer (else the LoRA matmuls run in fp32); with fp32 compute it does not."""
@@ -162,6 +157,19 @@ def test_compiled_layers_evaluate_eagerly_and_uncompile(tiny, sample_eval):
     assert compiled == pytest.approx(evaluate.perplexities(model, tok, *args, progress=False).nll, rel=1e-6)
 
 
+def _layer_4bit(kind, nested=True, bias=False):
+    """A bitsandbytes 4-bit Linear (96 x 256, bf16 compute) quantized on the CPU; frozen."""
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear4bit(256, 96, bias=bias, compute_dtype=torch.bfloat16, compress_statistics=nested,
+                              quant_type=kind)
+    layer.weight = bnb.nn.Params4bit(torch.randn(96, 256) * 0.02, requires_grad=False, compress_statistics=nested,
+                                     quant_type=kind)._quantize("cpu")
+    if bias:
+        layer.bias.requires_grad_(False)
+    return layer
+
+
 @pytest.mark.parametrize("nested", [True, False])
 def test_nf4_linear_dequantizes_as_bitsandbytes_eager_and_compiled(nested):
     """NF4Linear's weight, output and input gradient equal bitsandbytes' exactly, in eager mode (its
@@ -172,11 +180,7 @@ def test_nf4_linear_dequantizes_as_bitsandbytes_eager_and_compiled(nested):
     from lib import nf4
 
     torch.manual_seed(0)
-    layer = bnb.nn.Linear4bit(256, 96, bias=True, compute_dtype=torch.bfloat16, compress_statistics=nested,
-                              quant_type="nf4")
-    layer.weight = bnb.nn.Params4bit(torch.randn(96, 256) * 0.02, requires_grad=False,
-                                     compress_statistics=nested, quant_type="nf4")._quantize("cpu")
-    layer.bias.requires_grad_(False)
+    layer = _layer_4bit("nf4", nested, bias=True)
     lean = nf4.NF4Linear(layer)
     assert lean.packed.data_ptr() == layer.weight.data_ptr() and not isinstance(lean.packed, bnb.nn.Params4bit)
     assert list(lean.buffers()) == [] and [x.numel() for x in lean.parameters()] == [x.numel() for x in layer.parameters()]
@@ -207,9 +211,13 @@ def test_lean_nf4_replaces_every_4bit_layer_and_keeps_the_step(tiny):
     assert g.keys() == g0.keys() and all(torch.equal(g[k], g0[k]) for k in g0)
 
 
-def test_lean_nf4_needs_nf4_and_excludes_the_cache():
-    with pytest.raises(params.ParamsError, match="lean_nf4 needs"):
-        params.TrainParams(model="tiny-llama", quantization="none", lean_nf4=True).check()
+@pytest.mark.parametrize("flag", ["cache_dequantized", "lean_nf4"])
+def test_4bit_speedups_need_nf4(flag):
+    with pytest.raises(params.ParamsError, match=f"{flag} needs quantization: nf4"):
+        params.TrainParams(model="tiny-llama", quantization="none", **{flag: True}).check()
+
+
+def test_lean_nf4_excludes_the_cache():
     with pytest.raises(params.ParamsError, match="exclude each other"):
         params.TrainParams(model="tiny-llama", lean_nf4=True, cache_dequantized=True).check()
 
@@ -231,11 +239,6 @@ def test_replace_4bit_leaves_what_it_does_not_support():
 
     from lib import nf4
 
-    def layer(kind):
-        m = bnb.nn.Linear4bit(128, 64, bias=False, quant_type=kind)
-        m.weight = bnb.nn.Params4bit(torch.randn(64, 128), requires_grad=False, quant_type=kind)._quantize("cpu")
-        return m
-
-    model = torch.nn.Sequential(layer("nf4"), layer("fp4"))
+    model = torch.nn.Sequential(_layer_4bit("nf4"), _layer_4bit("fp4"))
     assert nf4.replace_4bit(model) == 1
     assert isinstance(model[0], nf4.NF4Linear) and isinstance(model[1], bnb.nn.Linear4bit)
