@@ -24,7 +24,8 @@ import torch
 import yaml
 from transformers import PrinterCallback, Trainer, TrainerCallback
 
-from lib import data, models, params, train
+from lib import collate, data, models, paramfile, params, trainable
+from lib.trainer import AnswerLossTrainer, training_args
 
 BASELINE = dict(compute_dtype="float32", answer_loss=False, group_by_length=False, packing=False, pack_tokens=512,
                 gradient_checkpointing=True, keep_frozen_dtype=False, cache_dequantized=False, compile=False,
@@ -157,7 +158,7 @@ def random_model(config: str, folder: Path) -> Path:
 
 def features(tok, a):
     recs = data.load_split(a.data_dir, "train", limit=None if a.longest else a.records)
-    feats, cut = train.encode_examples(tok, recs, "course", a.max_length)
+    feats, cut, _ = collate.encode_examples(tok, recs, "course", a.max_length)
     if a.longest:  # every batch as long as the split's longest: the worst case of memory
         feats = sorted(feats, key=lambda f: -len(f["input_ids"]))[:a.records]
     vocab = a.vocab or len(tok)
@@ -195,14 +196,14 @@ def run(mode, settings, model_dir, feats, tok, a, spy_file=None):
         torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
     t_load = time.perf_counter()
-    model = train.add_lora(models.load_model(p.model, "nf4", p.compute_dtype, a.device), p)
+    model = trainable.add_lora(models.load_model(p.model, "nf4", p.compute_dtype, a.device), p)
     t_load = time.perf_counter() - t_load
-    collator = Counting(train.collator(p, tok))
+    collator = Counting(collate.collator(p, tok))
     clock = Clock(collator, a.warmup, a.steps, a.profile, a.memory_trace, spy_file)
     out = Path(a.work) / "run"
-    args = train.training_args(p, out, len(feats))
+    args = training_args(p, out, len(feats))
     args.save_strategy, args.disable_tqdm = "no", True
-    cls = train.AnswerLossTrainer if p.answer_loss else Trainer
+    cls = AnswerLossTrainer if p.answer_loss else Trainer
     trainer = cls(model=model, args=args, train_dataset=feats, data_collator=collator, callbacks=[clock])
     trainer.remove_callback(PrinterCallback)  # a line per step and mode drowns the table
     t = time.perf_counter()
@@ -267,7 +268,7 @@ def main():
     a = ap.parse_args()
     from transformers import AutoTokenizer
 
-    fp = params.load(a.params)["01_finetune"]
+    fp = paramfile.load(a.params)["01_finetune"]
     project = {k: getattr(fp, k) for k in SPEED_KEYS}
     tok = AutoTokenizer.from_pretrained(a.tokenizer) if a.tokenizer else models.load_tokenizer(a.model)
     feats = features(tok, a)

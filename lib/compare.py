@@ -1,28 +1,47 @@
-"""PLM comparison: the same QLoRA recipe on several base models (the seed's Q3)."""
+"""PLM comparison (the seed's Q3): one QLoRA recipe on a ladder of base models, finished runs reused."""
+import dataclasses
 import gc
 
 import pandas as pd
 import torch
 
-from . import train
+from .finetune import finetune
+
+COLUMNS = ["model", "nominal_params", "zero_shot_ppl", "best_ppl", "best_step", "zero_shot_bits_per_char",
+           "best_bits_per_char", "tokens_per_char", "trainable_params", "steps", "train_s_per_step"]
 
 
-def run_models(p, train_records, eval_records, out):
-    """Fine-tune each model in p.models into out/<model>/; returns (summary table, all curves)."""
+def run_models(p, train_records, eval_records, out, also=()):
+    """Fine-tune each of p.models into out/<model>/ unless a finished run of the same recipe and data is
+    there or in `also` (01's folder); returns (summary table, all curves)."""
     rows, curves = [], []
     for name in p.models:
         print(f"--- {name} ---", flush=True)
-        run = train.finetune if p.num_processes == 1 else train.finetune_distributed  # DDP via accelerate
-        model, _, curve, summary = run(p, train_records, eval_records, out / _safe(name), model_name=name)
-        rows.append(summary)
-        curves.append(curve)
-        del model  # two 7B models don't fit together; free before the next
+        result = finetune(dataclasses.replace(p, model=name), train_records, eval_records, out / safe(name),
+                          also=also)
+        rows.append(result.summary)
+        curves.append(result.curve)
+        del result  # two 7B models don't fit together; free before the next
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return pd.DataFrame(rows), pd.concat(curves, ignore_index=True)
 
 
-def _safe(name: str) -> str:
+def safe(name: str) -> str:
     """A folder name for a model id (hub ids have slashes)."""
     return name.replace("/", "__")
+
+
+def ladder(table, fewshot=None) -> pd.DataFrame:
+    """Bits per character per model and setting (zero-shot, fine-tuned, best few-shot where 03 ran)."""
+    rows = []
+    for r in table.itertuples():
+        rows.append({"model": r.model, "params": r.nominal_params or r.trainable_params, "setting": "zero-shot",
+                     "bits_per_char": r.zero_shot_bits_per_char})
+        rows.append({"model": r.model, "params": r.nominal_params or r.trainable_params, "setting": "QLoRA (best)",
+                     "bits_per_char": r.best_bits_per_char})
+        if fewshot is not None and r.model in fewshot:
+            rows.append({"model": r.model, "params": r.nominal_params, "setting": "few-shot (best)",
+                         "bits_per_char": fewshot[r.model]})
+    return pd.DataFrame(rows)

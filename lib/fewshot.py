@@ -3,7 +3,7 @@ import random
 
 import pandas as pd
 
-from . import evaluate, prompts
+from . import evaluate, generate, prompts, quality
 from .retrieval import BM25
 
 STRATEGIES = ("fixed", "random", "retrieved")
@@ -33,6 +33,9 @@ class Selector:
         if strategy == "random":
             rng = random.Random(f"{seed}/{query['id']}")
             pool = [r for r in self.train if r["instruction"] != query["instruction"]]
+            if k > len(pool):
+                raise ValueError(f"k={k} random examples asked, but the pool has {len(pool)} training records "
+                                 f"(other than query {query['id']!r}); lower k in shots")
             return rng.sample(pool, k)
         if strategy == "retrieved":
             cached = self._top.get(query["id"], [])
@@ -83,8 +86,30 @@ def sweep(model, tok, train_records, records, p) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def table(per_example) -> pd.DataFrame:
-    """Mean perplexity per (strategy, k): mean and spread over seeds (the seed's table, per strategy)."""
+def table(per_example) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(per (strategy, k): mean perplexity and its spread over seeds, bits per character; per run).
+
+    The seed's table, per strategy. Bits per character pools every example of every seed.
+    """
     runs = per_example.groupby(["strategy", "k", "seed"], sort=False).ppl.mean().rename("mean_ppl").reset_index()
     out = runs.groupby(["strategy", "k"], sort=False).mean_ppl.agg(["mean", "std", "count"]).reset_index()
-    return out.rename(columns={"mean": "mean_ppl", "std": "std_over_seeds", "count": "seeds"}), runs
+    out = out.rename(columns={"mean": "mean_ppl", "std": "std_over_seeds", "count": "seeds"})
+    bpc = per_example.groupby(["strategy", "k"], sort=False).apply(evaluate.bits_per_char, include_groups=False)
+    return out.merge(bpc.rename("bits_per_char").reset_index(), on=["strategy", "k"]), runs
+
+
+def best(table) -> dict:
+    """The setting with the lowest mean perplexity, as {strategy, k, mean_ppl, bits_per_char}."""
+    row = table.loc[table.mean_ppl.idxmin()]
+    return {"strategy": row.strategy, "k": int(row.k), "mean_ppl": float(row.mean_ppl),
+            "bits_per_char": float(row.bits_per_char)}
+
+
+def quality_of(model, tok, train_records, records, settings: dict, p) -> tuple[pd.DataFrame, dict]:
+    """chrF/BLEU of answers generated under each {name: (strategy, k)} setting; (scores, {name: answers})."""
+    selector, frames, answers = Selector(train_records), [], {}
+    for name, (strategy, k) in settings.items():
+        ps, _ = build_prompts(tok, selector, records, strategy, k, p.template, p.max_length)
+        answers[name] = generate.generate(model, tok, ps, p)
+        frames.append(quality.by_direction(records, answers[name]).assign(setting=name))
+    return pd.concat(frames, ignore_index=True), answers

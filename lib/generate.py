@@ -3,7 +3,7 @@ import json
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # the plain bar: tqdm.auto warns in kernels without ipywidgets
 
 
 def _left_pad(seqs, pad_id):

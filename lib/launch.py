@@ -12,6 +12,10 @@ from pathlib import Path
 from . import ROOT
 
 
+class LaunchError(RuntimeError):
+    """A launched data-parallel run failed (its processes printed why)."""
+
+
 def per_process_accum(grad_accum: int, num_processes: int) -> int:
     """Gradient-accumulation steps per process that keep the effective batch unchanged."""
     if grad_accum % num_processes:
@@ -46,5 +50,5 @@ def run(params_file, out, num_processes: int, cpu: bool = False, port: int = 295
     env = environment() | ({"CUDA_VISIBLE_DEVICES": ""} if cpu else {})
     rc = subprocess.run(command(params_file, out, num_processes, cpu, port), cwd=ROOT, env=env).returncode
     if rc:
-        raise RuntimeError(f"accelerate launch with {num_processes} processes failed (exit {rc})")
+        raise LaunchError(f"accelerate launch with {num_processes} processes failed (exit {rc})")
     return Path(out)

@@ -12,9 +12,15 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from . import ROOT, params, resolve
+from . import ROOT, paramfile, params, resolve
+from .cli import one_line_errors
+from .runs import RunError
 
 NOTEBOOK_DIR = ROOT / "notebooks"
+
+
+class NotebookError(RunError):
+    """A notebook failed; its executed copy is kept."""
 
 
 def new_run_dir(run: str) -> Path:
@@ -71,7 +77,7 @@ def run(params_file=None, only=None, run_dir=None) -> Path:
     """Run the selected notebooks in order; returns the run folder. Raises on the first failure."""
     import papermill as pm
 
-    all_params = params.load(params_file)  # every notebook's params checked before any runs
+    all_params = paramfile.load(params_file)  # every notebook's params checked before any runs
     names = only or list(params.NOTEBOOKS)
     bad = sorted(set(names) - set(params.NOTEBOOKS))
     if bad:
@@ -89,7 +95,7 @@ def run(params_file=None, only=None, run_dir=None) -> Path:
         except pm.PapermillExecutionError as e:
             failed = run_dir / f"{name}.ipynb"
             export_html(failed)
-            raise RuntimeError(f"{name} failed in cell {e.exec_count}: {e.ename}: {e.evalue}\n"
+            raise NotebookError(f"{name} failed in cell {e.exec_count}: {e.ename}: {e.evalue}\n"
                                f"the executed notebook is kept for inspection: {failed}") from None
         html = export_html(executed)
         print(f"=== {name} done in {time.time() - t:.0f} s -> {html}", flush=True)
@@ -103,14 +109,11 @@ def main(argv=None) -> int:
     ap.add_argument("--run-dir", help="write into this folder (e.g. to resume a run) instead of a new one")
     a = ap.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
+    with one_line_errors("resume with the same command plus --run-dir <the run folder printed above>") as cli:
         run_dir = run(a.params_file, a.only, a.run_dir)
-    except (params.ParamsError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    report = run_dir / "05_report.html"
-    print(f"\nreport: {report}" if report.exists() else f"\nresults: {run_dir}")
-    return 0
+        report = run_dir / "05_report.html"
+        print(f"\nreport: {report}" if report.exists() else f"\nresults: {run_dir}")
+    return cli.code
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Seaborn figures of the study; each returns its Figure so notebooks can show and save it."""
 import matplotlib.pyplot as plt
 import seaborn as sns
+from matplotlib.ticker import MaxNLocator
 
 sns.set_theme(style="whitegrid")
 
@@ -17,11 +18,15 @@ def ppl_distributions(df, by="template"):
     return fig
 
 
-def learning_curves(curve, hue="model"):
-    """Public-test mean perplexity vs optimizer step, one line per run."""
+LABELS = {"eval_ppl": "public-test mean perplexity",
+          "eval_bits_per_char": "public-test bits per character (comparable across tokenizers)"}
+
+
+def learning_curves(curve, hue="model", y="eval_ppl"):
+    """Public-test mean perplexity (or bits per character) vs optimizer step, one line per run."""
     fig, ax = plt.subplots(figsize=(7, 4))
-    sns.lineplot(data=curve, x="step", y="eval_ppl", hue=hue if hue in curve else None, marker="o", ax=ax)
-    ax.set_ylabel("public-test mean perplexity")
+    sns.lineplot(data=curve, x="step", y=y, hue=hue if hue in curve else None, marker="o", ax=ax)
+    ax.set_ylabel(LABELS.get(y, y))
     ax.set_xlabel("optimizer step")
     fig.tight_layout()
     plt.close(fig)  # shown where the caller displays it, not again by the inline backend
@@ -33,7 +38,22 @@ def fewshot_lines(df):
     fig, ax = plt.subplots(figsize=(7, 4))
     sns.lineplot(data=df, x="k", y="mean_ppl", hue="strategy", marker="o", errorbar="sd", ax=ax)
     ax.set_xlabel("in-context examples (k)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("mean perplexity")
+    fig.tight_layout()
+    plt.close(fig)  # shown where the caller displays it, not again by the inline backend
+    return fig
+
+
+def ladder(df):
+    """Bits per character vs parameter count (log scale), one line per setting, models labelled."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    sns.lineplot(data=df.sort_values("params"), x="params", y="bits_per_char", hue="setting", marker="o", ax=ax)
+    for r in df.drop_duplicates("model").itertuples():
+        ax.annotate(r.model, (r.params, r.bits_per_char), fontsize=8, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters (nominal)")
+    ax.set_ylabel("public-test bits per character")
     fig.tight_layout()
     plt.close(fig)  # shown where the caller displays it, not again by the inline backend
     return fig

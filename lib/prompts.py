@@ -11,6 +11,7 @@ INSTRUCTIVE = (
 )
 
 TEMPLATES = {"course": COURSE, "instructive": INSTRUCTIVE}
+CHAT = "chat"  # 02 only: the model's own chat template, the course's system text, the instruction as the user turn
 
 # The seed's 4 hand-picked in-context examples, verbatim from its report (order as there).
 SEED_EXAMPLES = [
@@ -46,3 +47,16 @@ def build(instruction: str, name: str = "course", examples=()) -> str:
     head, tail = text.split("USER:", 1)
     shots = "".join(f"{e['instruction']} 答案：{e['output']}\n" for e in examples)
     return f"{head}{FEWSHOT_INTRO}\n{shots}USER:" + tail.format(instruction=instruction)
+
+
+def chat(tok, instruction: str) -> str | None:
+    """The course query in the model's own chat template, or None if its tokenizer has none.
+
+    The metric adds BOS itself, so a BOS the template writes is taken off the front.
+    """
+    if not getattr(tok, "chat_template", None):
+        return None
+    system = COURSE.split("USER:")[0].strip()
+    text = tok.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": instruction}],
+                                   tokenize=False, add_generation_prompt=True)
+    return text[len(tok.bos_token):] if tok.bos_token and text.startswith(tok.bos_token) else text

@@ -1,17 +1,23 @@
-"""05_report: tables and figures from the saved results of 01-04 (never recomputed)."""
+"""05_report: tables, figures and the discussion from the saved results of 01-04 (never recomputed)."""
+import math
 
 import pandas as pd
 
-from . import resolve, results
+from . import compare, resolve, results
+from .params import TrainParams, group_of
 
 SECTIONS = {"01_finetune": "QLoRA fine-tuning", "02_zeroshot": "zero-shot prompts",
             "03_fewshot_sweep": "few-shot sweep", "04_plm_compare": "PLM comparison"}
-SEED_PPL = {"zero-shot": 5.454, "few-shot": 4.687, "QLoRA": 3.324}  # the seed report, Taiwan-LLM-7B
+# The seed report (Taiwan-LLM-7B-v2.0-chat, public test) and its tokenizer's answer tokens per character
+# (../shared/CONVENTIONS.md): log2(mean ppl) x tokens/char is an upper estimate of its bits per character,
+# since the mean of per-example perplexities is at least exp of the mean NLL.
+SEED_PPL = {"zero-shot": 5.454, "few-shot": 4.687, "QLoRA": 3.324}
+SEED_TOKENS_PER_CHAR = 1.86
+DIRECTIONS = ("all", "classical", "modern")
 
-HYPERPARAMETERS = ["model", "quantization", "compute_dtype", "lora_r", "lora_alpha", "lora_dropout",
-                   "target_modules", "micro_batch_size", "grad_accum", "epochs", "max_steps", "learning_rate",
-                   "lr_scheduler", "warmup_ratio", "max_grad_norm", "weight_decay", "gradient_checkpointing",
-                   "eval_steps", "template", "max_length", "data_dir", "train_limit", "eval_limit"]
+
+def seed_bits_per_char(ppl: float) -> float:
+    return math.log2(ppl) * SEED_TOKENS_PER_CHAR
 
 
 def show(df, precision=3):
@@ -45,30 +51,87 @@ def get(res, name):
 
 
 def hyperparameters(res) -> pd.DataFrame:
+    """Every field of the fine-tuning recipe as 01 ran it, by group (derived from TrainParams)."""
     params = get(res, "01_finetune")[0]["provenance"]["params"]
-    return pd.DataFrame([{"parameter": k, "value": str(params[k])} for k in HYPERPARAMETERS if k in params])
+    names = [f for f in TrainParams.__dataclass_fields__ if f not in ("run", "out_dir")]
+    return pd.DataFrame([{"group": group_of(k), "parameter": k, "value": str(params[k])} for k in names if k in params])
 
 
 def finetune_summary(res) -> pd.DataFrame:
     s = get(res, "01_finetune")[0]["summary"]
-    keys = ["model", "zero_shot_ppl", "best_ppl", "best_step", "final_ppl", "steps", "n_train", "n_eval",
-            "trainable_params", "train_s_per_step"]
-    return pd.DataFrame([{k: s[k] for k in keys}])
+    keys = ["model", "zero_shot_ppl", "best_ppl", "best_step", "final_ppl", "steps", "best_bits_per_char",
+            "n_train", "n_eval", "trainable_params", "train_s_per_step"]
+    return pd.DataFrame([{k: s.get(k) for k in keys}])
 
 
-def comparison(res) -> pd.DataFrame:
-    """Zero-shot vs few-shot vs LoRA (the seed's comparison), with its 'what each uses' matrix."""
-    zs = get(res, "02_zeroshot")[1]["summary"]
-    fs = get(res, "03_fewshot_sweep")[0]["summary"]["best"]
-    ft = get(res, "01_finetune")[0]["summary"]
-    course = zs[zs.template == "course"].mean_ppl
-    rows = [("zero-shot", "course prompt", float(course.iloc[0]) if len(course) else float(zs.mean_ppl.min())),
-            ("few-shot", f"{fs['strategy']}, k={fs['k']}", fs["mean_ppl"]),
-            ("QLoRA", f"best step {ft['best_step']}", ft["best_ppl"])]
-    uses = {"zero-shot": ("v", "", ""), "few-shot": ("v", "v", ""), "QLoRA": ("v", "v", "v")}
-    return pd.DataFrame([{"method": m, "setting": s, "mean_ppl": v, "seed report (7B)": SEED_PPL[m],
-                          "pretrained model": uses[m][0], "example": uses[m][1], "fine-tune": uses[m][2]}
-                         for m, s, v in rows])
+def _by_direction(df) -> dict:
+    """{direction: (mean ppl, bits per char)} of per-example rows."""
+    from .evaluate import bits_per_char
+
+    out = {"all": (df.ppl.mean(), bits_per_char(df))}
+    out.update({d: (g.ppl.mean(), bits_per_char(g)) for d, g in df.groupby("direction")})
+    return out
+
+
+def _chrf(scores: pd.DataFrame, setting_prefix: str) -> dict:
+    rows = scores[scores.setting.str.startswith(setting_prefix)]
+    return dict(zip(rows.direction, rows.chrF))
+
+
+def headline(res) -> pd.DataFrame:
+    """Zero-shot / best few-shot / QLoRA per direction: mean ppl, bits per char, chrF; the seed beside."""
+    zs = get(res, "02_zeroshot")[1]["per_example"]
+    fs_doc, fs = get(res, "03_fewshot_sweep")
+    ft_doc, ft = get(res, "01_finetune")
+    best = fs_doc["summary"]["best"]
+    pe = fs["per_example"]
+    few = pe[(pe.strategy == best["strategy"]) & (pe.k == best["k"])]
+    curve = ft["curve"].set_index("step").loc[ft_doc["summary"]["best_step"]]
+    tuned = {d: (curve["eval_ppl" + ("" if d == "all" else f"_{d}")],
+                 curve["eval_bits_per_char" + ("" if d == "all" else f"_{d}")]) for d in DIRECTIONS
+             if f"eval_ppl_{d}" in curve or d == "all"}
+    rows = [("zero-shot", "course prompt", _by_direction(zs[zs.template == "course"]), _chrf(fs["quality"], "zero-shot")),
+            ("few-shot", f"{best['strategy']}, k={best['k']}", _by_direction(few), _chrf(fs["quality"], "few-shot")),
+            ("QLoRA", f"best adapter (step {ft_doc['summary']['best_step']})", tuned, _chrf(ft["quality"], "QLoRA"))]
+    out = []
+    for method, setting, values, chrf in rows:
+        for d, (ppl, bpc) in values.items():
+            seed = SEED_PPL[method] if d == "all" else None
+            out.append({"method": method, "setting": setting, "direction": d, "mean_ppl": ppl, "bits_per_char": bpc,
+                        "chrF": chrf.get(d), "seed 7B mean_ppl": seed,
+                        "seed 7B bits_per_char (upper est.)": seed_bits_per_char(seed) if seed else None})
+    return pd.DataFrame(out)
+
+
+def quality(res) -> pd.DataFrame:
+    """chrF/BLEU of generated answers: zero-shot and best few-shot (03), the fine-tuned model (01)."""
+    frames = [get(res, "03_fewshot_sweep")[1]["quality"], get(res, "01_finetune")[1]["quality"]]
+    return pd.concat(frames, ignore_index=True)[["setting", "direction", "chrF", "BLEU", "n"]]
+
+
+def examples(res) -> pd.DataFrame:
+    """The same public-test records answered zero-shot, few-shot and by the fine-tuned model."""
+    fs = get(res, "03_fewshot_sweep")[1]["examples"]
+    ft = get(res, "01_finetune")[1]["examples"]
+    n = min(len(fs), len(ft))
+    return fs.head(n).assign(**{"QLoRA": ft.output.head(n).to_numpy()})
+
+
+def ladder_table(res) -> pd.DataFrame:
+    table = get(res, "04_plm_compare")[1]["summary"]
+    return table[[c for c in compare.COLUMNS if c in table]]
+
+
+def _fewshot_bits(res) -> dict:
+    """{model: best few-shot bits per char} where 03 ran for that model."""
+    if isinstance(res["03_fewshot_sweep"], Missing):
+        return {}
+    s = res["03_fewshot_sweep"][0]["summary"]
+    return {s.get("model"): s["best"].get("bits_per_char")}
+
+
+def ladder(res) -> pd.DataFrame:
+    return compare.ladder(get(res, "04_plm_compare")[1]["summary"], _fewshot_bits(res))
 
 
 def provenance(res) -> pd.DataFrame:
@@ -84,3 +147,10 @@ def provenance(res) -> pd.DataFrame:
                      "hardware": pv["hardware"]["gpu"] or f"CPU x{pv['hardware']['cpus']}",
                      **{k: v for k, v in pv["versions"].items() if k in ("torch", "transformers", "peft", "bitsandbytes")}})
     return pd.DataFrame(rows)
+
+
+def discussion(res) -> str:
+    """The discussion, written from the numbers (lib.discussion); parts whose results are missing say so."""
+    from . import discussion
+
+    return discussion.text(res)

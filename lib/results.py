@@ -64,7 +64,7 @@ def section_dir(params, name: str) -> Path:
     return d
 
 
-def _atomic_write(path: Path, text: str):
+def atomic_write(path: Path, text: str):
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)  # a crash mid-write never leaves a truncated results file
@@ -73,9 +73,9 @@ def _atomic_write(path: Path, text: str):
 def save(folder: Path, summary: dict, tables: dict | None = None, prov: dict | None = None):
     """results.json (summary + provenance) and one CSV per table in folder."""
     for name, df in (tables or {}).items():
-        _atomic_write(folder / f"{name}.csv", df.to_csv(index=False))
+        atomic_write(folder / f"{name}.csv", df.to_csv(index=False))
     doc = {"summary": summary, "tables": sorted(tables or {}), "provenance": prov}
-    _atomic_write(folder / "results.json", json.dumps(doc, ensure_ascii=False, indent=2, default=str))
+    atomic_write(folder / "results.json", json.dumps(doc, ensure_ascii=False, indent=2, default=str))
 
 
 def load(folder: Path) -> tuple[dict, dict]:

@@ -6,13 +6,13 @@ tests/test_params.py checks that it matches.
 import json
 from pathlib import Path
 
-from lib import params
+from lib import paramfile
 
 HERE = Path(__file__).resolve().parent
 
 
 def main():
-    for name, p in params.load().items():
+    for name, p in paramfile.load().items():
         path = HERE / f"{name}.ipynb"
         nb = json.loads(path.read_text())
         cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))

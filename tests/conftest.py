@@ -2,6 +2,9 @@ import os
 from pathlib import Path
 
 import pytest
+from tests.tiny_model import path as tiny_path
+
+TINY = tiny_path()  # the tiny test model: a local folder, like any user's model
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 COURSE = Path(__file__).resolve().parents[2] / "shared" / "data" / "classical-chinese"
@@ -12,8 +15,8 @@ def tiny():
     """(model fp32, model nf4, tokenizer) of the tiny test Llama."""
     from lib import models
 
-    tok = models.load_tokenizer("tiny-llama")
-    return models.load_model("tiny-llama", "none"), models.load_model("tiny-llama", "nf4"), tok
+    tok = models.load_tokenizer(TINY)
+    return models.load_model(TINY, "none"), models.load_model(TINY, "nf4"), tok
 
 
 @pytest.fixture(scope="session")

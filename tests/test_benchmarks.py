@@ -11,13 +11,16 @@ sys.path.insert(0, str(BENCH))
 import memtrace  # noqa: E402
 import stacks  # noqa: E402
 import train_speed  # noqa: E402
+from tests.tiny_model import path as tiny_path
+
+TINY = tiny_path()  # the tiny test model: a local folder, like any user's model
 
 
 def test_train_speed_modes_on_the_tiny_model(tmp_path, monkeypatch):
     """Baseline and project (seed settings but the answer-only loss) see the same batches: same losses."""
     out = tmp_path / "r.json"
     monkeypatch.setattr(sys, "argv", [
-        "train_speed.py", "--model", "tiny-llama", "--data-dir", "data/sample", "--records", "16",
+        "train_speed.py", "--model", TINY, "--data-dir", "data/sample", "--records", "16",
         "--micro-batch", "4", "--steps", "3", "--warmup", "1", "--device", "cpu", "--params", "params/default.yaml",
         "--work", str(tmp_path / "w"), "--json", str(out), "--modes", "baseline,project+lean_nf4=true"])
     train_speed.main()

@@ -2,7 +2,10 @@ import json
 
 import torch
 
-from lib import data, generate, params, prompts, train
+from lib import data, finetune, generate, params, prompts
+from tests.tiny_model import path as tiny_path
+
+TINY = tiny_path()  # the tiny test model: a local folder, like any user's model
 
 
 def greedy_reference(model, tok, prompt, n):
@@ -20,11 +23,12 @@ def greedy_reference(model, tok, prompt, n):
 
 def test_generate_after_training_matches_reference(tmp_path):
     """Left-padded batched generation right after QLoRA training (train mode, checkpointing on)."""
-    p = params.FinetuneParams(model="tiny-llama", micro_batch_size=4, grad_accum=1, max_steps=2, eval_steps=2,
+    p = params.FinetuneParams(model=TINY, micro_batch_size=4, grad_accum=1, max_steps=2, eval_steps=2,
                               save_steps=2, eval_limit=2, learning_rate=1e-2, max_new_tokens=6, gen_batch_size=3,
                               first_line_only=False)
     recs = data.load_split(p.data_dir, "public_test", limit=5)
-    model, tok, _, _ = train.finetune(p, data.load_split(p.data_dir, "train", limit=8), recs[:2], tmp_path)
+    r = finetune.finetune(p, data.load_split(p.data_dir, "train", limit=8), recs[:2], tmp_path)
+    model, tok = r.model, r.tok
     model.train()  # as the Trainer leaves it
     ps = [prompts.build(r["instruction"]) for r in recs]  # different lengths: real left padding
     got = generate.generate(model, tok, ps, p, progress=False)

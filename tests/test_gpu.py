@@ -3,6 +3,9 @@ import pytest
 import torch
 
 from lib import data, evaluate, models, prompts
+from tests.tiny_model import path as tiny_path
+
+TINY = tiny_path()  # the tiny test model: a local folder, like any user's model
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -11,8 +14,8 @@ pytestmark = [pytest.mark.gpu,
 @pytest.mark.parametrize("quant,dtype", [("none", "float32"), ("nf4", "float32")])
 def test_batched_equals_reference_on_gpu(quant, dtype):
     """On the GPU too, in fp32 compute (bf16 rounding differs with batch shape, see benchmarks/README)."""
-    tok = models.load_tokenizer("tiny-llama")
-    model = models.load_model("tiny-llama", quant, dtype, "cuda")
+    tok = models.load_tokenizer(TINY)
+    model = models.load_model(TINY, quant, dtype, "cuda")
     recs = data.load_split("data/sample", "public_test")
     ps, outs = [prompts.build(r["instruction"]) for r in recs], [r["output"] for r in recs]
     ref = evaluate.reference_perplexities(model, tok, ps, outs)

@@ -4,7 +4,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from lib import launch, params
+from lib import launch, paramfile, params
+from tests.tiny_model import path as tiny_path
+
+TINY = tiny_path()  # the tiny test model: a local folder, like any user's model
 
 
 def test_launch_command_for_n_processes(tmp_path):
@@ -28,7 +31,7 @@ def test_effective_batch_is_kept():
 
 def _cfg(tmp_path, n):
     f = tmp_path / f"p{n}.yaml"
-    f.write_text(yaml.safe_dump({"common": {"model": "tiny-llama", "eval_limit": 4}, "01_finetune": {
+    f.write_text(yaml.safe_dump({"common": {"model": TINY, "eval_limit": 4}, "01_finetune": {
         "micro_batch_size": 2, "grad_accum": 4, "max_steps": 4, "eval_steps": 2, "save_steps": 2,
         "logging_steps": 1, "learning_rate": 0.01, "num_processes": n}}))
     return f

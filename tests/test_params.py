@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lib import params
+from lib import paramfile, params
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAM_FILES = sorted((ROOT / "params").glob("*.yaml"))
@@ -13,7 +13,7 @@ PARAM_FILES = sorted((ROOT / "params").glob("*.yaml"))
 
 @pytest.mark.parametrize("path", PARAM_FILES, ids=lambda p: p.name)
 def test_every_params_file_validates(path):
-    loaded = params.load(path)
+    loaded = paramfile.load(path)
     assert set(loaded) == set(params.NOTEBOOKS)
     raw = yaml.safe_load(path.read_text())
     for section, values in raw.items():  # every key written in the file reaches its notebook
@@ -36,7 +36,7 @@ def _parameters_cell(nb_path):
 def test_notebook_parameters_cell_matches_default_yaml(name):
     """The parameters cell holds literals only, one per dataclass field, equal to params/default.yaml."""
     cell = _parameters_cell(ROOT / "notebooks" / f"{name}.ipynb")
-    assert cell == params.load()[name].to_dict()
+    assert cell == paramfile.load()[name].to_dict()
 
 
 def test_notebooks_have_no_outputs():
@@ -49,13 +49,13 @@ def test_unknown_key_is_an_error_naming_it(tmp_path):
     f = tmp_path / "x.yaml"
     f.write_text("01_finetune:\n  lora_rr: 8\n")
     with pytest.raises(params.ParamsError, match=r"unknown parameter\(s\) \['lora_rr'\]"):
-        params.load(f)
+        paramfile.load(f)
     f.write_text("common:\n  modle: x\n")
     with pytest.raises(params.ParamsError, match="modle"):
-        params.load(f)
+        paramfile.load(f)
     f.write_text("02_zeroshoot:\n  templates: [course]\n")
     with pytest.raises(params.ParamsError, match="02_zeroshoot"):
-        params.load(f)
+        paramfile.load(f)
 
 
 @pytest.mark.parametrize("yaml_text,msg", [
@@ -70,7 +70,7 @@ def test_mistyped_values_are_errors(tmp_path, yaml_text, msg):
     f = tmp_path / "x.yaml"
     f.write_text(yaml_text)
     with pytest.raises(params.ParamsError, match=msg):
-        params.load(f)
+        paramfile.load(f)
 
 
 def test_floats_accept_ints():
@@ -80,6 +80,6 @@ def test_floats_accept_ints():
 def test_from_notebook_rejects_injected_typo():
     ns = {**params.ZeroshotParams().to_dict(), "templtes": ["course"], "In": [], "_": None, "json": json}
     with pytest.raises(params.ParamsError, match="templtes"):
-        params.from_notebook(params.ZeroshotParams, ns)
+        paramfile.from_notebook(params.ZeroshotParams, ns)
     del ns["templtes"]
-    assert params.from_notebook(params.ZeroshotParams, ns).templates == ["course", "instructive"]
+    assert paramfile.from_notebook(params.ZeroshotParams, ns).templates == ["course", "instructive"]

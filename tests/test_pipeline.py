@@ -8,15 +8,17 @@ import pandas as pd
 import pytest
 import yaml
 
-from lib import tiny
+from tests import tiny_model
+from tests.tiny_model import path as tiny_path
+
+TINY = tiny_path()  # the tiny test model: a local folder, like any user's model
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {
-    "common": {"run": "ci", "model": "tiny-llama", "eval_limit": 6},
-    "01_finetune": {"max_steps": 6, "eval_steps": 3, "save_steps": 3, "predict_limit": 3,
-                    "max_new_tokens": 8, "learning_rate": 0.01},
+CFG = {
+    "common": {"run": "ci", "model": TINY, "eval_limit": 6},
+    "train": {"max_steps": 6, "eval_steps": 3, "save_steps": 3, "learning_rate": 0.01},
+    "01_finetune": {"predict_limit": 3, "max_new_tokens": 8, "quality_limit": 4},
     "03_fewshot_sweep": {"shots": [0, 1, 2], "random_seeds": [0, 1], "quality_limit": 4, "max_new_tokens": 8},
-    "04_plm_compare": {"max_steps": 4, "eval_steps": 2, "save_steps": 2, "learning_rate": 0.01},
 }
 
 
@@ -28,7 +30,7 @@ def pipeline(cfg, run_dir, *only):
 
 
 def write_cfg(tmp_path, overrides=None):
-    cfg = json.loads(json.dumps(TINY))
+    cfg = json.loads(json.dumps(CFG))
     for k, v in (overrides or {}).items():
         cfg.setdefault(k, {}).update(v)
     f = tmp_path / "tiny.yaml"
@@ -39,8 +41,8 @@ def write_cfg(tmp_path, overrides=None):
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run")
-    second = tiny.build(tmp / "tiny-b", seed=1, hidden=32)  # a second "PLM" for 04
-    cfg = write_cfg(tmp, {"04_plm_compare": {"models": ["tiny-llama", str(second)]}})
+    second = tiny_model.path(seed=1, hidden=32)  # a second "PLM" for 04
+    cfg = write_cfg(tmp, {"04_plm_compare": {"models": [TINY, str(second)]}})
     r = pipeline(cfg, tmp / "out")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return tmp / "out", r
@@ -91,8 +93,16 @@ def test_fewshot_numbers(full_run):
     table = t["table"]
     assert len(table) == 9  # 3 strategies x k in {0,1,2}
     assert (table[table.strategy == "random"].seeds == 2).all()
-    assert table[table.k == 0].mean_ppl.nunique() == 1  # k=0 is the same prompt for every strategy
+    # k=0 scored by the sweep equals the course template scored by 02, record by record (two code paths)
+    per = t["per_example"]
+    zero = per[(per.k == 0) & (per.strategy == "fixed")].set_index("id").ppl
+    zs = load(run, "02_zeroshot")[1]["per_example"]
+    course = zs[zs.template == "course"].set_index("id").ppl
+    assert zero.sort_index().to_numpy() == pytest.approx(course.sort_index().to_numpy(), rel=1e-5)
+    best = doc["summary"]["best"]
+    assert best["mean_ppl"] == pytest.approx(table.mean_ppl.min())
     q = t["quality"]
+    assert list(q.setting.unique()) == ["zero-shot", f"few-shot ({best['strategy']}, k={best['k']})"]
     assert set(q.direction) >= {"all"} and q.chrF.between(0, 100).all()
 
 
@@ -103,6 +113,10 @@ def test_plm_numbers(full_run):
     assert len(s) == 2 and s.trainable_params.iloc[0] > s.trainable_params.iloc[1]  # hidden 64 vs 32
     assert (s.tokens_per_char == 1.0).all()  # character tokenizers
     assert set(t["curves"].model) == set(s.model)
+    # the first model's run is 01's (same recipe and data): read back, not trained again
+    assert f"reusing the finished run in {run / '01_finetune'}" in full_run[1].stdout
+    first = t["curves"][t["curves"].model == TINY].eval_ppl.to_numpy()
+    assert first == pytest.approx(load(run, "01_finetune")[1]["curve"].eval_ppl.to_numpy())
 
 
 def test_report_html_has_the_numbers(full_run):
@@ -110,9 +124,11 @@ def test_report_html_has_the_numbers(full_run):
     tables = pd.read_html(run / "05_report.html")
     assert len(tables) >= 9
     best = load(run, "01_finetune")[0]["summary"]["best_ppl"]
-    comp = next(x for x in tables if "method" in x.columns)
-    assert comp.method.tolist() == ["zero-shot", "few-shot", "QLoRA"]
-    assert comp.loc[2, "mean_ppl"] == pytest.approx(best, abs=1e-3)
+    head = next(x for x in tables if "method" in x.columns)
+    assert head.method.unique().tolist() == ["zero-shot", "few-shot", "QLoRA"]
+    tuned = head[(head.method == "QLoRA") & (head.direction == "all")]
+    assert tuned.mean_ppl.iloc[0] == pytest.approx(best, abs=1e-3)
+    assert "seed's ordering" in (run / "05_report.html").read_text()  # the discussion is written
     html = (run / "05_report.html").read_text()
     assert "Missing result" not in html and html.count("data:image/png;base64") >= 4  # self-contained
     assert "def " not in html  # --no-input: code hidden
@@ -126,10 +142,10 @@ def test_report_says_what_is_missing(tmp_path):
 
 
 def test_failure_stops_and_keeps_earlier_results(tmp_path):
-    cfg = write_cfg(tmp_path, {"03_fewshot_sweep": {"quality_strategy": "fixed", "quality_k": 5}})
+    cfg = write_cfg(tmp_path, {"03_fewshot_sweep": {"strategies": ["random"], "shots": [50]}})
     r = pipeline(cfg, tmp_path / "out", "02_zeroshot", "03_fewshot_sweep", "05_report")
     assert r.returncode == 1
-    assert "03_fewshot_sweep failed" in r.stderr and "fixed (seed) set has 4 examples" in r.stderr
+    assert "03_fewshot_sweep failed" in r.stderr and "k=50 random examples" in r.stderr
     assert (tmp_path / "out" / "02_zeroshot" / "results.json").exists()  # earlier results intact
     assert (tmp_path / "out" / "03_fewshot_sweep.ipynb").exists()  # the failed notebook, for inspection
     assert not (tmp_path / "out" / "05_report.ipynb").exists()  # nothing after the failure ran

@@ -3,7 +3,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lib import chunked_loss, data, models, params, speedups, train
+from lib import chunked_loss, collate, data, models, params, speedups, trainable
+from lib.trainer import AnswerLossTrainer
+from tests.tiny_model import path as tiny_path
+
+TINY = tiny_path()  # the tiny test model: a local folder, like any user's model
 
 
 def _plain(hidden, weight, targets, cap):
@@ -56,7 +60,7 @@ def test_head_nll_bf16_autocast_matches_model_head():
 
 
 def _tiny_nf4(compute_dtype="float32"):
-    return models.load_model("tiny-llama", "nf4", compute_dtype, "cpu")
+    return models.load_model(TINY, "nf4", compute_dtype, "cpu")
 
 
 def test_cache_dequantized_gives_the_same_logits_and_replaces_every_4bit_layer():
@@ -76,11 +80,11 @@ def test_cache_dequantized_gives_the_same_logits_and_replaces_every_4bit_layer()
 def _step(p, feats, tok):
     """Loss and LoRA gradients of one training step of the tiny model under params p."""
     torch.manual_seed(0)
-    model = train.add_lora(_tiny_nf4(p.compute_dtype), p)
+    model = trainable.add_lora(_tiny_nf4(p.compute_dtype), p)
     model.train()
-    batch = train.PadCollator(tok.pad_token_id)(feats)
+    batch = collate.PadCollator(tok.pad_token_id)(feats)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=p.compute_dtype == "bfloat16"):
-        loss = train.AnswerLossTrainer.compute_loss(None, model, batch)
+        loss = AnswerLossTrainer.compute_loss(None, model, batch)
     loss.backward()
     grads = {n: x.grad.clone() for n, x in model.named_parameters() if x.requires_grad}
     return model, loss.item(), grads
@@ -89,11 +93,11 @@ def _step(p, feats, tok):
 def test_speedups_keep_loss_and_gradients(tiny):
     """cache_dequantized and keep_frozen_dtype: one step's loss and LoRA gradients equal the seed path's."""
     _, _, tok = tiny
-    feats, _ = train.encode_examples(tok, data.load_split("data/sample", "train", limit=4), "course", 2048)
-    seed = params.TrainParams(model="tiny-llama", compute_dtype="float32")
+    feats, _, _ = collate.encode_examples(tok, data.load_split("data/sample", "train", limit=4), "course", 2048)
+    seed = params.TrainParams(model=TINY, compute_dtype="float32")
     _, loss0, g0 = _step(seed, feats, tok)
     for kw in ({"cache_dequantized": True}, {"keep_frozen_dtype": True, "cache_dequantized": True}):
-        _, loss, g = _step(params.TrainParams(model="tiny-llama", compute_dtype="float32", **kw), feats, tok)
+        _, loss, g = _step(params.TrainParams(model=TINY, compute_dtype="float32", **kw), feats, tok)
         assert loss == pytest.approx(loss0, rel=1e-6), kw
         assert g.keys() == g0.keys()
         for k in g0:
@@ -103,10 +107,10 @@ def test_speedups_keep_loss_and_gradients(tiny):
 def test_keep_frozen_dtype_leaves_bf16_weights_bf16(tiny):
     """peft's preparation makes the frozen embeddings fp32; keep_frozen_dtype leaves them bf16."""
     _, _, tok = tiny
-    feats, _ = train.encode_examples(tok, data.load_split("data/sample", "train", limit=4), "course", 2048)
+    feats, _, _ = collate.encode_examples(tok, data.load_split("data/sample", "train", limit=4), "course", 2048)
     dtypes = {}
     for keep in (False, True):
-        p = params.TrainParams(model="tiny-llama", compute_dtype="bfloat16", keep_frozen_dtype=keep)
+        p = params.TrainParams(model=TINY, compute_dtype="bfloat16", keep_frozen_dtype=keep)
         model, loss, grads = _step(p, feats, tok)
         dtypes[keep] = model.get_base_model().get_input_embeddings().weight.dtype
         assert torch.isfinite(torch.tensor(loss))  # B starts at 0, so at step 0 only the B matrices get a gradient
@@ -120,16 +124,16 @@ def test_answer_loss_runs_lora_under_bf16_autocast(tiny):
     from types import SimpleNamespace
 
     _, _, tok = tiny
-    feats, _ = train.encode_examples(tok, data.load_split("data/sample", "train", limit=2), "course", 2048)
-    batch = train.PadCollator(tok.pad_token_id)(feats)
-    model = train.add_lora(_tiny_nf4("bfloat16"), params.TrainParams(model="tiny-llama", compute_dtype="bfloat16",
+    feats, _, _ = collate.encode_examples(tok, data.load_split("data/sample", "train", limit=2), "course", 2048)
+    batch = collate.PadCollator(tok.pad_token_id)(feats)
+    model = trainable.add_lora(_tiny_nf4("bfloat16"), params.TrainParams(model=TINY, compute_dtype="bfloat16",
                                                                       keep_frozen_dtype=True))
     seen = []
     lora_a = next(m for n, m in model.named_modules() if n.endswith("lora_A.default"))
     lora_a.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     for bf16 in (True, False):
         fake = SimpleNamespace(args=SimpleNamespace(bf16=bf16))
-        loss = train.AnswerLossTrainer.compute_loss(fake, model, batch)
+        loss = AnswerLossTrainer.compute_loss(fake, model, batch)
         assert torch.isfinite(loss)
     assert seen == [torch.bfloat16, torch.float32]
 
@@ -142,8 +146,8 @@ def test_compiled_layers_evaluate_eagerly_and_uncompile(tiny, sample_eval):
     from lib import evaluate, prompts
 
     _, _, tok = tiny
-    p = params.TrainParams(model="tiny-llama", compile=True)
-    model = train.add_lora(_tiny_nf4(), p)
+    p = params.TrainParams(model=TINY, compile=True)
+    model = trainable.add_lora(_tiny_nf4(), p)
     layers = speedups.decoder_layers(model)
     assert all(layer._compiled_call_impl is not None for layer in layers)
     recs = sample_eval[:3]
@@ -202,8 +206,8 @@ def test_lean_nf4_replaces_every_4bit_layer_and_keeps_the_step(tiny):
     import bitsandbytes as bnb
 
     _, _, tok = tiny
-    feats, _ = train.encode_examples(tok, data.load_split("data/sample", "train", limit=4), "course", 2048)
-    base = dict(model="tiny-llama", compute_dtype="float32", keep_frozen_dtype=True)
+    feats, _, _ = collate.encode_examples(tok, data.load_split("data/sample", "train", limit=4), "course", 2048)
+    base = dict(model=TINY, compute_dtype="float32", keep_frozen_dtype=True)
     _, loss0, g0 = _step(params.TrainParams(**base), feats, tok)
     model, loss, g = _step(params.TrainParams(**base, lean_nf4=True), feats, tok)
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
@@ -214,12 +218,12 @@ def test_lean_nf4_replaces_every_4bit_layer_and_keeps_the_step(tiny):
 @pytest.mark.parametrize("flag", ["cache_dequantized", "lean_nf4"])
 def test_4bit_speedups_need_nf4(flag):
     with pytest.raises(params.ParamsError, match=f"{flag} needs quantization: nf4"):
-        params.TrainParams(model="tiny-llama", quantization="none", **{flag: True}).check()
+        params.TrainParams(model=TINY, quantization="none", **{flag: True}).check()
 
 
 def test_lean_nf4_excludes_the_cache():
     with pytest.raises(params.ParamsError, match="exclude each other"):
-        params.TrainParams(model="tiny-llama", lean_nf4=True, cache_dequantized=True).check()
+        params.TrainParams(model=TINY, lean_nf4=True, cache_dequantized=True).check()
 
 
 def test_floating_point_ops_is_hf_value(tiny):
@@ -227,7 +231,7 @@ def test_floating_point_ops_is_hf_value(tiny):
     from transformers import Trainer
 
     model, _, _ = tiny
-    trainer = train.AnswerLossTrainer.__new__(train.AnswerLossTrainer)
+    trainer = AnswerLossTrainer.__new__(AnswerLossTrainer)
     trainer.model = model
     inputs = {"input_ids": torch.ones(3, 17, dtype=torch.long)}
     assert trainer.floating_point_ops(inputs) == Trainer.floating_point_ops(trainer, inputs) > 0

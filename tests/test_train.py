@@ -8,13 +8,17 @@ import pytest
 import torch
 import yaml
 
-from lib import data, evaluate, params, prompts, train
+from lib import collate, data, evaluate, finetune, params, prompts
+from lib.trainer import AnswerLossTrainer
+from tests.tiny_model import path as tiny_path
+
+TINY = tiny_path()  # the tiny test model: a local folder, like any user's model
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_params(**kw):
-    base = dict(model="tiny-llama", micro_batch_size=4, grad_accum=1, max_steps=6, eval_steps=2,
+    base = dict(model=TINY, micro_batch_size=4, grad_accum=1, max_steps=6, eval_steps=2,
                 save_steps=2, logging_steps=1, eval_limit=6, learning_rate=1e-2)
     return params.FinetuneParams(**{**base, **kw})
 
@@ -23,19 +27,19 @@ def test_labels_mask_matches_evaluator(tiny):
     """Training labels score exactly the tokens the course metric scores, token by token."""
     _, _, tok = tiny
     recs = data.load_split("data/sample", "train", limit=8)
-    feats, cut = train.encode_examples(tok, recs, "course", 2048)
+    feats, cut, _ = collate.encode_examples(tok, recs, "course", 2048)
     assert cut == 0
     for r, f in zip(recs, feats):
         e = evaluate.encode(tok, prompts.build(r["instruction"]), r["output"], 2048)
         assert f["input_ids"] == e.input_ids
-        scored = [t for t, lab in zip(f["input_ids"], f["labels"]) if lab != train.IGNORE]
+        scored = [t for t, lab in zip(f["input_ids"], f["labels"]) if lab != collate.IGNORE]
         assert scored == e.input_ids[e.n_prompt:]
         assert scored[-1] == tok.eos_token_id
         assert tok.decode(scored[:-1]) == r["output"]
 
 
 def test_collator_pads_right_and_masks():
-    batch = train.PadCollator(0)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+    batch = collate.PadCollator(0)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
                                   {"input_ids": [5], "labels": [5]}])
     assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [5, -100, -100]]
@@ -47,7 +51,8 @@ def test_qlora_trains_and_loss_falls(tmp_path):
     p = tiny_params(max_steps=8, eval_steps=4, save_steps=4)
     tr = data.load_split(p.data_dir, "train")
     ev = data.load_split(p.data_dir, "public_test", limit=6)
-    model, _, curve, s = train.finetune(p, tr, ev, tmp_path)
+    r = finetune.finetune(p, tr, ev, tmp_path)
+    model, curve, s = r.model, r.curve, r.summary
     assert any("Linear4bit" in type(m).__name__ for m in model.modules())
     assert all("lora_" in n for n, x in model.named_parameters() if x.requires_grad)
     assert 0 < s["trainable_params"] < s["total_params"]
@@ -63,12 +68,12 @@ def test_bad_inputs_fail_before_training():
     p = tiny_params(eval_steps=100)
     ev = data.load_split("data/sample", "public_test", limit=2)
     with pytest.raises(ValueError, match="eval_steps=100 is larger than the run"):
-        train.check_inputs(p, data.load_split("data/sample", "train"), ev)
+        finetune.check_inputs(p, data.load_split("data/sample", "train"), ev)
     with pytest.raises(ValueError, match="training set is empty"):
-        train.check_inputs(tiny_params(), [], ev)
+        finetune.check_inputs(tiny_params(), [], ev)
     priv = data.load_split("data/sample", "private_test", limit=2)
     with pytest.raises(ValueError, match="without 'output'"):
-        train.check_inputs(tiny_params(), ev, priv)
+        finetune.check_inputs(tiny_params(), ev, priv)
 
 
 def _run(cfg: Path, out: Path, kill_after_step=None):
@@ -83,7 +88,7 @@ def _run(cfg: Path, out: Path, kill_after_step=None):
 
 def test_resume_after_kill_matches_uninterrupted(tmp_path):
     cfg = tmp_path / "p.yaml"
-    cfg.write_text(yaml.safe_dump({"common": {"model": "tiny-llama", "eval_limit": 6}, "01_finetune": {
+    cfg.write_text(yaml.safe_dump({"common": {"model": TINY, "eval_limit": 6}, "01_finetune": {
         "micro_batch_size": 4, "grad_accum": 2, "max_steps": 16, "eval_steps": 2, "save_steps": 2,
         "logging_steps": 1, "learning_rate": 0.01}}))
     assert _run(cfg, tmp_path / "full") == 0
@@ -94,19 +99,21 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
     full = pd.read_csv(tmp_path / "full" / "curve.csv")
     cut = pd.read_csv(tmp_path / "cut" / "curve.csv")
     assert full.step.tolist() == cut.step.tolist() == list(range(0, 17, 2))
-    assert cut.eval_ppl.to_numpy() == pytest.approx(full.eval_ppl.to_numpy(), rel=1e-4)
-    assert cut.train_loss.to_numpy() == pytest.approx(full.train_loss.to_numpy(), rel=1e-4, nan_ok=True)
+    # resuming is not bit-exact on CPU: from checkpoint-4 the curve drifts by 2e-6 at step 6 and 3e-4 at
+    # step 16 (lr 1e-2); the code before the restructuring (21a97fa) gives the very same resumed numbers
+    assert cut.eval_ppl.to_numpy() == pytest.approx(full.eval_ppl.to_numpy(), rel=1e-3)
+    assert cut.train_loss.to_numpy() == pytest.approx(full.train_loss.to_numpy(), rel=1e-3, nan_ok=True)
 
 
 def test_answer_loss_equals_model_loss(tiny):
     """The answer-only LM head gives the model's own loss on the same labels (to float precision)."""
     model, _, tok = tiny
     recs = data.load_split("data/sample", "train", limit=5)
-    feats, _ = train.encode_examples(tok, recs, "course", 2048)
-    batch = train.PadCollator(tok.pad_token_id)(feats)
+    feats, _, _ = collate.encode_examples(tok, recs, "course", 2048)
+    batch = collate.PadCollator(tok.pad_token_id)(feats)
     with torch.no_grad():
         hf = model(**batch).loss
-        ours = train.AnswerLossTrainer.compute_loss(None, model, batch)
+        ours = AnswerLossTrainer.compute_loss(None, model, batch)
     assert ours.item() == pytest.approx(hf.item(), rel=1e-5)
 
 
@@ -116,20 +123,20 @@ def test_packing_keeps_every_examples_loss(tiny, row_tokens):
     unpacked value (block-diagonal mask from the restarting positions)."""
     model, _, tok = tiny
     recs = data.load_split("data/sample", "train", limit=6)
-    feats, _ = train.encode_examples(tok, recs, "course", 2048)
-    coll = train.PackCollator(tok.pad_token_id, row_tokens)
+    feats, _, _ = collate.encode_examples(tok, recs, "course", 2048)
+    coll = collate.PackCollator(tok.pad_token_id, row_tokens)
     packed = coll(feats)
     rows = coll.rows([len(f["input_ids"]) for f in feats])
     order = [i for r in rows for i in r]
     assert sorted(order) == list(range(len(feats)))
     assert len(rows) == (1 if row_tokens > 10 ** 5 else 3)  # 300: two of the sample's 111-125-token records a row
     assert packed["input_ids"].shape[0] == len(rows)
-    assert (packed["labels"] != train.IGNORE).sum() == sum(sum(x != train.IGNORE for x in f["labels"]) for f in feats)
+    assert (packed["labels"] != collate.IGNORE).sum() == sum(sum(x != collate.IGNORE for x in f["labels"]) for f in feats)
     score = torch.zeros_like(packed["labels"], dtype=torch.bool)
-    score[:, :-1] = packed["labels"][:, 1:] != train.IGNORE
+    score[:, :-1] = packed["labels"][:, 1:] != collate.IGNORE
     with torch.no_grad():
         losses, _ = evaluate.token_nll(model, packed["input_ids"], None, score, packed["position_ids"])
-    sizes = [sum(x != train.IGNORE for x in feats[i]["labels"]) for i in order]
+    sizes = [sum(x != collate.IGNORE for x in feats[i]["labels"]) for i in order]
     per_example = dict(zip(order, [chunk.sum().item() for chunk in losses.split(sizes)]))
     ref = evaluate.perplexities(model, tok, [prompts.build(r["instruction"]) for r in recs],
                                 [r["output"] for r in recs], progress=False)
@@ -142,13 +149,13 @@ def test_packing_keeps_every_examples_loss(tiny, row_tokens):
 
 
 def test_pack_rows_first_fit():
-    coll = train.PackCollator(0, row_tokens=10)
+    coll = collate.PackCollator(0, row_tokens=10)
     rows = coll.rows([6, 4, 3, 12, 5, 2])
     assert rows == [[3], [0, 1], [4, 2, 5]]  # longest first, each into the first row with room; 12 alone
     batch = coll([{"input_ids": [1] * n, "labels": [1] * n} for n in [6, 4, 3, 12, 5, 2]])
     assert batch["input_ids"].shape == (3, 16)  # the longest row, 12, rounded up to a multiple of 8
     assert batch["position_ids"][1].tolist() == [0, 1, 2, 3, 4, 5, 0, 1, 2, 3] + list(range(6))
-    assert batch["labels"][2].tolist() == [1] * 10 + [train.IGNORE] * 6
+    assert batch["labels"][2].tolist() == [1] * 10 + [collate.IGNORE] * 6
 
 
 def test_lean_nf4_run_equals_the_seed_path_and_its_adapter_loads_on_bitsandbytes(tmp_path):
@@ -164,8 +171,9 @@ def test_lean_nf4_run_equals_the_seed_path_and_its_adapter_loads_on_bitsandbytes
     p0 = tiny_params(max_steps=4, eval_steps=2, save_steps=4, keep_frozen_dtype=True, packing=True)
     tr = data.load_split(p0.data_dir, "train")
     ev = data.load_split(p0.data_dir, "public_test", limit=6)
-    _, _, seed, _ = train.finetune(p0, tr, ev, tmp_path / "seed")
-    model, tok, lean, s = train.finetune(replace(p0, lean_nf4=True), tr, ev, tmp_path / "lean")
+    seed = finetune.finetune(p0, tr, ev, tmp_path / "seed").curve
+    r = finetune.finetune(replace(p0, lean_nf4=True), tr, ev, tmp_path / "lean")
+    model, tok, lean, s = r.model, r.tok, r.curve, r.summary
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     assert lean.eval_ppl.tolist() == seed.eval_ppl.tolist()
     assert lean.eval_ppl.iloc[-1] < lean.eval_ppl.iloc[0]
@@ -174,3 +182,21 @@ def test_lean_nf4_run_equals_the_seed_path_and_its_adapter_loads_on_bitsandbytes
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in plain.modules())
     df = evaluate.score_records(plain, tok, ev, [prompts.build(r["instruction"]) for r in ev], 4, p0.max_length)
     assert df.ppl.mean() == pytest.approx(s["best_ppl"], rel=1e-6)
+
+
+# The learning curve of this run recorded with the code before the restructuring (commit 21a97fa,
+# `python -m lib.train`, CPU): the split into modules must leave every number as it was.
+BEFORE = {"eval_ppl": [692.8948119207749, 667.2944022412439, 604.5170296193994, 580.2982967272867, 578.5587703350649],
+          "train_loss": [float("nan"), 6.529169082641602, 6.430208206176758, 6.346640586853027, 6.430508613586426]}
+
+
+def test_learning_curve_unchanged_since_the_restructuring(tmp_path):
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(yaml.safe_dump({"common": {"model": TINY, "eval_limit": 6}, "01_finetune": {
+        "micro_batch_size": 4, "grad_accum": 2, "max_steps": 8, "eval_steps": 2, "save_steps": 4,
+        "logging_steps": 1, "learning_rate": 0.01}}))
+    assert _run(cfg, tmp_path / "run") == 0
+    curve = pd.read_csv(tmp_path / "run" / "curve.csv")
+    assert curve.step.tolist() == [0, 2, 4, 6, 8]
+    assert curve.eval_ppl.to_numpy() == pytest.approx(BEFORE["eval_ppl"], rel=1e-6)
+    assert curve.train_loss.to_numpy() == pytest.approx(BEFORE["train_loss"], rel=1e-6, nan_ok=True)

@@ -1,15 +1,18 @@
-"""A tiny random-init Llama with a character tokenizer, built from a config: for tests and CI only."""
+"""A tiny random-init Llama with a character tokenizer, built from a config into a temporary folder and
+passed to the code as a local model path, like any user's model."""
 import json
+import tempfile
+from functools import lru_cache
 from pathlib import Path
 
-from . import ROOT
+ROOT = Path(__file__).resolve().parents[1]
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 
 
 def _charset() -> list[str]:
     """Every character of the sample data and the prompts, so tests see few unknown tokens."""
-    from . import prompts
+    from lib import prompts
 
     text = "".join((ROOT / "data" / "sample" / f).read_text(encoding="utf-8") for f in ("train.json", "public_test.json"))
     text += "".join(prompts.TEMPLATES.values()) + prompts.FEWSHOT_INTRO
@@ -45,3 +48,10 @@ def build(out: Path, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
     tok.save_pretrained(out)
     (Path(out) / "provenance.json").write_text(json.dumps({"name": "tiny-llama", "seed": seed}))
     return Path(out)
+
+
+@lru_cache(maxsize=None)
+def path(seed: int = 0, hidden: int = 64) -> str:
+    """The tiny model's folder, built once per test process."""
+    return str(build(Path(tempfile.mkdtemp(prefix="cct-tiny-")), seed=seed, hidden=hidden))
+

@@ -1,0 +1,72 @@
+"""The report's discussion, written from the saved results: each paragraph answers one question."""
+import math
+
+from . import report
+
+
+def _ordering(res) -> str:
+    h = report.headline(res)
+    a = h[h.direction == "all"].set_index("method")
+    z, f, q = (a.loc[m, "mean_ppl"] for m in ("zero-shot", "few-shot", "QLoRA"))
+    holds = z > f > q
+    text = (f"**Zero-shot > few-shot > QLoRA?** Mean perplexity {z:.2f} → {f:.2f} → {q:.2f} "
+            f"({a.loc['zero-shot', 'bits_per_char']:.2f} → {a.loc['few-shot', 'bits_per_char']:.2f} → "
+            f"{a.loc['QLoRA', 'bits_per_char']:.2f} bits per character): the seed's ordering "
+            f"{'holds' if holds else 'does not hold'} here.")
+    if a["chrF"].notna().all():
+        text += (f" On generated answers chrF goes {a.loc['zero-shot', 'chrF']:.1f} → {a.loc['few-shot', 'chrF']:.1f}"
+                 f" → {a.loc['QLoRA', 'chrF']:.1f}.")
+    seed = report.seed_bits_per_char(report.SEED_PPL["QLoRA"])
+    return text + (f" The seed's fine-tuned 7B model is at ≈ {seed:.2f} bits per character (an upper estimate); "
+                   f"this model is {'below' if a.loc['QLoRA', 'bits_per_char'] < seed else 'above'} it.")
+
+
+def _retrieval(res) -> str:
+    t = report.get(res, "03_fewshot_sweep")[1]["table"]
+    fixed, other = t[t.strategy == "fixed"], t[(t.strategy != "fixed") & (t.k > 0)]
+    if fixed.empty or other.empty:
+        return "**Retrieved vs fixed examples:** the sweep did not run both."
+    f, o = fixed.loc[fixed.mean_ppl.idxmin()], other.loc[other.mean_ppl.idxmin()]
+    gain = (f.mean_ppl - o.mean_ppl) / f.mean_ppl * 100
+    return (f"**Does choosing examples beat the seed's fixed ones?** The seed's fixed examples do best at k={int(f.k)} "
+            f"(mean ppl {f.mean_ppl:.2f}); {o.strategy} examples at k={int(o.k)} reach {o.mean_ppl:.2f}, "
+            f"{abs(gain):.1f}% {'lower' if gain > 0 else 'higher'}.")
+
+
+def _ladder(res) -> str:
+    t = report.ladder_table(res).sort_values("nominal_params")
+    parts = [f"{r.model} {r.zero_shot_bits_per_char:.2f} → {r.best_bits_per_char:.2f}" for r in t.itertuples()]
+    by_ppl = list(t.sort_values("best_ppl").model)
+    by_bpc = list(t.sort_values("best_bits_per_char").model)
+    text = ("**How the ladder scales:** bits per character, zero-shot → fine-tuned: " + "; ".join(parts) + ". ")
+    if by_ppl != by_bpc:
+        text += (f"Per-token perplexity ranks the fine-tuned models {by_ppl}, bits per character {by_bpc}: a "
+                 "tokenizer that spends more tokens per character spreads the same uncertainty over more tokens "
+                 "and looks better per token, so only bits per character compares models.")
+    else:
+        text += "Here per-token perplexity and bits per character rank the models alike; across tokenizers only the latter is comparable."
+    return text
+
+
+def _curve(res) -> str:
+    doc = report.get(res, "01_finetune")[0]
+    s, p = doc["summary"], doc["provenance"]["params"]
+    per_epoch = math.ceil(s["n_train"] / (p["micro_batch_size"] * p["grad_accum"]))
+    best_epoch, epochs = s["best_step"] / per_epoch, s["steps"] / per_epoch
+    worse = (s["final_ppl"] - s["best_ppl"]) / s["best_ppl"] * 100
+    return (f"**What the learning curve says:** the best public-test perplexity, {s['best_ppl']:.2f}, comes at step "
+            f"{s['best_step']} (epoch {best_epoch:.1f} of {epochs:.1f}); the last step is {worse:.0f}% worse "
+            f"({s['final_ppl']:.2f}). " + ("Past that point the model overfits the training set: train for about "
+                                           f"{max(1, math.ceil(best_epoch))} epoch(s), or keep the best adapter, "
+                                           "as this study does." if worse > 2 else
+                                           "The curve has not turned up: more steps may still help."))
+
+
+def text(res) -> str:
+    paragraphs = []
+    for part in (_ordering, _retrieval, _ladder, _curve):
+        try:
+            paragraphs.append(part(res))
+        except report.Missing as e:
+            paragraphs.append(f"*({part.__name__.strip('_')}: {e})*")
+    return "\n\n".join(paragraphs)

@@ -1,0 +1,110 @@
+"""One fine-tuning run, the entry point of 01, 04 and `python -m lib.train`.
+
+finetune() decides by itself: a finished run of the same recipe and data is read back; p.num_processes
+> 1 launches that many data-parallel processes (lib.launch), each of which comes back here and fits;
+otherwise it fits in this process. Every way returns a FinetuneResult.
+"""
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from . import collate, launch, paramfile, runs, speedups, trainable
+from .embedded import EMBEDDED
+from .models import device_for
+from .trainer import curve_callback, curve_table, make_trainer, planned_steps, world_size
+
+
+@dataclass
+class FinetuneResult:
+    curve: pd.DataFrame  # the learning curve, one row per evaluation
+    summary: dict
+    out: Path  # the run folder: best_adapter/, final_adapter/, checkpoints/, curve.csv, summary.json
+    model: object = field(default=None, repr=False)  # the trained model, when trained in this process
+    tok: object = field(default=None, repr=False)
+
+    def adapted(self, p, adapter="best_adapter"):
+        """(model, tokenizer): the base model with one of this run's adapters, for predictions."""
+        self.model = None  # the trained copy goes before a second one is loaded
+        return trainable.load_adapted(p, self.out / adapter)
+
+
+def check_inputs(p, train_records, eval_records):
+    """Clear errors before any training starts."""
+    if not train_records:
+        raise ValueError("the training set is empty")
+    if any("output" not in r for r in eval_records):
+        raise ValueError(f"the eval set ({p.eval_split}) has records without 'output'; it cannot be scored")
+    steps = planned_steps(p, len(train_records))
+    if p.eval_steps > steps:
+        raise ValueError(f"eval_steps={p.eval_steps} is larger than the run ({steps} optimizer steps)")
+
+
+def finetune(p, train_records, eval_records, out: Path, also=()) -> FinetuneResult:
+    """Fine-tune p.model with p's recipe into out (resuming there), or read a finished run back.
+
+    also: other folders where a finished run of the same recipe and data may be (04 looks in 01's).
+    """
+    out = Path(out)
+    run = runs.describe(p, train_records, eval_records)
+    for folder in (out, *map(Path, also)):
+        if p.resume and (summary := runs.finished(folder, run)):
+            print(f"{p.model}: reusing the finished run in {folder} (same recipe and data)", flush=True)
+            return _read_back(folder, summary, p.model)
+    check_inputs(p, train_records, eval_records)
+    runs.claim(out, run, p.resume)
+    if p.num_processes > 1 and world_size() == 1:
+        cfg = paramfile.dump_train(p, out / "params.yaml")
+        launch.run(cfg, out, p.num_processes, cpu=device_for(p.device) == "cpu")
+        return _read_back(out, json.loads((out / "summary.json").read_text()), p.model)
+    return _fit(p, train_records, eval_records, out, run)
+
+
+def _read_back(folder: Path, summary: dict, name: str) -> FinetuneResult:
+    return FinetuneResult(pd.read_csv(folder / "curve.csv").assign(model=name), summary, folder)
+
+
+def _fit(p, train_records, eval_records, out: Path, run: dict) -> FinetuneResult:
+    model, tok = trainable.build(p)
+    feats, cut, skipped = collate.encode_examples(tok, train_records, p.template, p.max_length)
+    if cut:
+        print(f"note: {cut} of {len(feats)} training sequences are longer than max_length={p.max_length} and were cut")
+    if skipped:
+        print(f"note: {len(skipped)} training records leave no answer token within max_length={p.max_length} and "
+              f"are skipped (first: {skipped[0]})")
+    n_trainable, n_total = trainable.trainable_params(model)
+    trainer = make_trainer(model, tok, feats, eval_records, p, out, collate.collator(p, tok))
+    trainer.add_callback(runs.MarkComplete())
+    last = runs.last_checkpoint(out) if p.resume else None
+    if last:
+        print(f"resuming from {last}", flush=True)
+    t = time.time()
+    trainer.train(resume_from_checkpoint=str(last) if last else None)
+    if p.compile:
+        speedups.uncompile(model)
+    curve = runs.curve_columns(curve_table(trainer.state.log_history))
+    best = curve.loc[curve.eval_ppl.idxmin()]
+    steps = int(curve.step.max())
+    ran = steps - (int(last.name.split("-")[-1]) if last else 0)  # this session's steps, for s/step
+    runtime = trainer.state.log_history[-1].get("train_runtime", float("nan"))
+    summary = {
+        "model": p.model, "fingerprint": run["fingerprint"],
+        "zero_shot_ppl": float(curve.eval_ppl.iloc[0]), "best_ppl": float(best.eval_ppl),
+        "best_step": int(best.step), "final_ppl": float(curve.eval_ppl.iloc[-1]), "steps": steps,
+        "zero_shot_bits_per_char": float(curve.eval_bits_per_char.iloc[0]),
+        "best_bits_per_char": float(best.eval_bits_per_char),
+        "trainable_params": n_trainable, "total_params": n_total,
+        "nominal_params": EMBEDDED[p.model].params if p.model in EMBEDDED else None,
+        "tokens_per_char": trainable.tokens_per_char(tok, eval_records),
+        "train_s": round(time.time() - t, 1),
+        # optimizer steps of this session only, the learning-curve evaluations inside them taken out
+        "train_s_per_step": round((runtime - curve_callback(trainer).eval_s) / max(ran, 1), 3),
+        "n_train": len(feats), "n_skipped": len(skipped), "n_eval": len(eval_records),
+        "num_processes": world_size(),
+    }
+    if trainer.is_world_process_zero():  # the main process alone writes files
+        model.save_pretrained(out / "final_adapter")
+        runs.save_finished(out, summary, curve)
+    return FinetuneResult(curve.assign(model=p.model), summary, out, model, tok)

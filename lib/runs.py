@@ -1,0 +1,114 @@
+"""Fine-tuning run folders: what a run was (params and data fingerprint), its checkpoints, its record.
+
+A folder holds one run. `run.json` is written when it starts; resuming it with other params or data is
+an error, and a finished one (`summary.json` + `curve.csv` + `final_adapter/`) with the same fingerprint
+is read back instead of trained again (01 re-run, 04's ladder). Checkpoints get a `complete` marker
+once the Trainer has written all of their files, so one cut mid-save is skipped, not resumed from.
+"""
+import hashlib
+import json
+import shutil
+from dataclasses import fields
+from pathlib import Path
+
+import pandas as pd
+from transformers import TrainerCallback
+
+from .params import TrainParams
+from .results import atomic_write
+
+# Settings that leave the learning curve alone: where the run goes, how often it logs and saves, batch
+# sizes of evaluation, and how many processes share the (unchanged) effective batch.
+NOT_RECIPE = {"run", "out_dir", "resume", "logging_steps", "save_steps", "device", "eval_batch_size",
+              "num_processes"}
+MARKER = "complete"
+
+
+class RunError(RuntimeError):
+    """A run folder cannot be used as asked (another run's folder, a corrupt checkpoint)."""
+
+
+def records_hash(records) -> str:
+    text = json.dumps([[r["id"], r["instruction"], r.get("output")] for r in records], ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def describe(p, train_records, eval_records) -> dict:
+    """The recipe and data of a run, and their fingerprint."""
+    recipe = {f.name: getattr(p, f.name) for f in fields(TrainParams) if f.name not in NOT_RECIPE}
+    data = {"train": records_hash(train_records), "n_train": len(train_records),
+            "eval": records_hash(eval_records), "n_eval": len(eval_records)}
+    doc = {"recipe": recipe, "data": data}
+    return {"fingerprint": hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16], **doc}
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RunError(f"{path}: unreadable ({type(e).__name__}: {e}); the file is damaged. Start the run "
+                       f"afresh: delete {path.parent}") from None
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    diff = [k for k in sorted(set(old["recipe"]) | set(new["recipe"])) if old["recipe"].get(k) != new["recipe"].get(k)]
+    return diff + [f"data:{k}" for k in ("train", "eval") if old["data"][k] != new["data"][k]]
+
+
+def claim(out: Path, run: dict, resume: bool):
+    """Record that out holds this run; refuse a folder holding another run's checkpoints or results."""
+    old = _read(out / "run.json")
+    if old is not None and old["fingerprint"] != run["fingerprint"] and resume:
+        raise RunError(f"{out} holds another run (differs in {', '.join(_differences(old, run))}). "
+                       f"Start fresh: choose another output folder, or delete {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "run.json", json.dumps(run, ensure_ascii=False, indent=2, default=str))
+
+
+def finished(out: Path, run: dict) -> dict | None:
+    """The summary of a finished run of this recipe and data in out, else None."""
+    summary = _read(out / "summary.json")
+    ok = summary and summary.get("fingerprint") == run["fingerprint"] and (out / "final_adapter").is_dir()
+    return summary if ok and (out / "curve.csv").exists() else None
+
+
+def save_finished(out: Path, summary: dict, curve: pd.DataFrame):
+    atomic_write(out / "curve.csv", curve.to_csv(index=False))
+    atomic_write(out / "summary.json", json.dumps(summary, indent=2))  # written last: the run is done
+
+
+def last_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint; incomplete ones (cut mid-save) are removed with a note."""
+    folder = out / "checkpoints"
+    found = sorted(folder.glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[-1]), reverse=True) \
+        if folder.is_dir() else []
+    for ckpt in found:
+        if not (ckpt / MARKER).exists():
+            print(f"note: {ckpt} was not completely written (cut mid-save); removed, resuming from an earlier one")
+            shutil.rmtree(ckpt)
+            continue
+        _read(ckpt / "trainer_state.json") or _missing(ckpt)
+        return ckpt
+    return None
+
+
+def _missing(ckpt):
+    raise RunError(f"{ckpt}: trainer_state.json is missing; the checkpoint is damaged. Delete {ckpt} to "
+                   "resume from the one before it")
+
+
+class MarkComplete(TrainerCallback):
+    """Writes the marker into a checkpoint after the Trainer has saved all of it."""
+
+    def on_save(self, args, state, control, **kw):
+        if state.is_world_process_zero:
+            (Path(args.output_dir) / f"checkpoint-{state.global_step}" / MARKER).write_text("")
+
+
+def curve_columns(curve: pd.DataFrame) -> pd.DataFrame:
+    """One column order however the rows were read (a resumed run's come back with sorted keys)."""
+    first = ["step", "eval_ppl", "eval_bits_per_char"]
+    per_dir = sorted(c for c in curve if c.startswith(("eval_ppl_", "eval_bits_per_char_")))
+    return curve[first + per_dir + [c for c in curve if c not in first and c not in per_dir]]

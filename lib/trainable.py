@@ -1,0 +1,54 @@
+"""The trainable model of a fine-tuning run: the base model loaded (4-bit), LoRA added, speed settings on."""
+from transformers import set_seed
+
+from . import models, nf4, speedups
+
+
+def add_lora(model, p):
+    """Wrap a (4-bit) model with LoRA adapters on p.target_modules; the base stays frozen."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if p.quantization == "nf4" and not p.keep_frozen_dtype:  # frozen weights to fp32, input grads for checkpointing
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=p.gradient_checkpointing)
+    else:
+        model = speedups.prepare_frozen(model, p.gradient_checkpointing)
+    missing = [m for m in p.target_modules if not any(n.endswith(m) for n, _ in model.named_modules())]
+    if missing:
+        raise ValueError(f"target_modules {missing} not found in {p.model}")
+    cfg = LoraConfig(r=p.lora_r, lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout, bias="none",
+                     target_modules=list(p.target_modules), task_type="CAUSAL_LM")
+    model = get_peft_model(model, cfg)
+    if p.cache_dequantized:
+        speedups.cache_dequantized(model)
+    if p.lean_nf4:
+        nf4.replace_4bit(model)
+    if p.compile:
+        speedups.compile_layers(model)
+    return model
+
+
+def build(p):
+    """(model with LoRA, tokenizer) for p.model under p's quantization, dtype and speed settings."""
+    tok = models.load_tokenizer(p.model)
+    set_seed(p.seed)  # LoRA's A matrices are drawn at wrap time, before the Trainer seeds anything
+    return add_lora(models.load_model(p.model, p.quantization, p.compute_dtype, p.device), p), tok
+
+
+def trainable_params(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts (4-bit weights count as stored elements)."""
+    trainable = sum(x.numel() for x in model.parameters() if x.requires_grad)
+    return trainable, sum(x.numel() for x in model.parameters())
+
+
+def tokens_per_char(tok, records) -> float:
+    """Answer tokens per answer character: how finely a tokenizer cuts this task's text."""
+    n_tok = sum(len(tok(r["output"], add_special_tokens=False)["input_ids"]) for r in records)
+    return n_tok / sum(len(r["output"]) for r in records)
+
+
+def load_adapted(p, adapter_dir):
+    """(model, tokenizer): p.model loaded as for training (no speed settings) with a saved adapter."""
+    from peft import PeftModel
+
+    base = models.load_model(p.model, p.quantization, p.compute_dtype, p.device)
+    return PeftModel.from_pretrained(base, adapter_dir).eval(), models.load_tokenizer(p.model)

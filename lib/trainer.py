@@ -1,0 +1,141 @@
+"""The HF Trainer as the fine-tuning runs it: answer-only loss, the learning-curve callback, arguments."""
+import math
+import os
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from . import evaluate, prompts, speedups
+from .collate import IGNORE
+from .launch import per_process_accum
+from .models import device_for
+
+
+def world_size() -> int:
+    """Processes in this data-parallel run (1 unless started by accelerate launch)."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def planned_steps(p, n_train) -> int:
+    """Optimizer steps the run will take (the same on 1 or N processes: the effective batch is fixed)."""
+    if p.max_steps > 0:
+        return p.max_steps
+    per_epoch = math.ceil(n_train / (p.micro_batch_size * p.grad_accum))
+    return math.ceil(per_epoch * p.epochs)
+
+
+class CurveCallback(TrainerCallback):
+    """Course-metric perplexity on the eval set every eval_steps (and at steps 0 and last).
+
+    Rows go into state.log_history, which checkpoints carry, so a resumed run keeps its curve. A new
+    best is saved as best_adapter/. Under DDP every process runs the same evaluation: their Trainer
+    states stay identical (an evaluation on rank 0 alone hung the next checkpoint save in a 2-process
+    run), and the main process alone writes files.
+    """
+
+    def __init__(self, tok, eval_records, p, out: Path):
+        self.tok, self.records, self.p, self.out = tok, eval_records, p, out
+        self.prompts = [prompts.build(r["instruction"], p.template) for r in eval_records]
+        self.eval_s = 0.0  # time spent here, so seconds per step can leave it out
+
+    def _evaluate(self, model, state):
+        t = time.time()
+        model.eval()
+        with speedups.eager():
+            df = evaluate.score_records(model, self.tok, self.records, self.prompts, self.p.eval_batch_size,
+                                        self.p.max_length)
+        model.train()
+        row = {"step": state.global_step, "eval_ppl": float(df.ppl.mean()),
+               "eval_bits_per_char": evaluate.bits_per_char(df)}
+        for d, g in df.groupby("direction"):
+            row[f"eval_ppl_{d}"], row[f"eval_bits_per_char_{d}"] = float(g.ppl.mean()), evaluate.bits_per_char(g)
+        state.log_history.append(row)
+        if state.best_metric is None or row["eval_ppl"] < state.best_metric:
+            state.best_metric, state.best_global_step = row["eval_ppl"], state.global_step
+            if state.is_world_process_zero:
+                model.save_pretrained(self.out / "best_adapter")
+        if state.is_world_process_zero:
+            print(f"step {state.global_step}: eval ppl {row['eval_ppl']:.3f}", flush=True)
+        self.eval_s += time.time() - t
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        if state.global_step == 0:
+            self._evaluate(model, state)
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        if state.global_step % self.p.eval_steps == 0 or state.global_step == state.max_steps:
+            self._evaluate(model, state)
+
+
+class AnswerLossTrainer(Trainer):
+    """Trainer whose loss runs the LM head only on answer tokens (evaluate.token_nll).
+
+    Same value as the model's own loss on these labels, without the full-vocabulary logits of every
+    prompt token: less memory, most of all for large vocabularies (Gemma: 262k). Under DDP the
+    forward must go through the DDP wrapper for its gradient hooks, so there it falls back to the
+    model's own loss (equal value, more memory).
+    """
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if hasattr(model, "module"):  # wrapped by DDP
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs["labels"]
+        score = torch.zeros_like(labels, dtype=torch.bool)
+        score[:, :-1] = labels[:, 1:] != IGNORE  # position t predicts label t+1
+        # accelerate puts bf16 autocast around model.forward; this path calls the decoder directly, so
+        # it must do the same, or the LoRA matmuls run in fp32 with a cast around every one of them
+        bf16 = bool(getattr(getattr(self, "args", None), "bf16", False))
+        with torch.autocast(labels.device.type, dtype=torch.bfloat16, enabled=bf16):
+            losses, _ = evaluate.token_nll(model, inputs["input_ids"], inputs.get("attention_mask"), score,
+                                           inputs.get("position_ids"))
+        # a sum over the items of all accumulated micro-batches, as HF does: exact token mean per step
+        loss = losses.sum() / (num_items_in_batch if num_items_in_batch is not None else losses.numel())
+        return (loss, None) if return_outputs else loss
+
+    def floating_point_ops(self, inputs):
+        """HF's value (6 x tokens x non-embedding parameters) with the parameters counted once: HF walks
+        every module on every step, ~4% of a 7B QLoRA step's host time (py-spy)."""
+        if not hasattr(self, "_flop_params"):
+            self._flop_params = self.model.num_parameters(exclude_embeddings=True) if hasattr(
+                self.model, "num_parameters") else 0
+        ids = inputs.get(getattr(self.model, "main_input_name", "input_ids"))
+        return 0 if ids is None else 6 * ids.numel() * self._flop_params
+
+
+def training_args(p, out: Path, n_train: int) -> TrainingArguments:
+    bf16 = p.compute_dtype == "bfloat16"
+    return TrainingArguments(
+        output_dir=str(out / "checkpoints"), per_device_train_batch_size=p.micro_batch_size,
+        gradient_accumulation_steps=per_process_accum(p.grad_accum, world_size()), max_steps=planned_steps(p, n_train),
+        learning_rate=p.learning_rate, lr_scheduler_type=p.lr_scheduler, warmup_steps=p.warmup_ratio,
+        max_grad_norm=p.max_grad_norm, weight_decay=p.weight_decay, optim=p.optim,
+        logging_steps=p.logging_steps, save_strategy="steps", save_steps=p.save_steps,
+        eval_strategy="no", report_to="none", seed=p.seed, data_seed=p.seed, bf16=bf16,
+        use_cpu=(device_for(p.device) == "cpu"), remove_unused_columns=False,
+        dataloader_num_workers=0, disable_tqdm=False, save_only_model=False,
+        ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient; the search costs a pass
+        train_sampling_strategy="group_by_length" if p.group_by_length else "random",
+        # gradient checkpointing is set up by lib.trainable (peft's kbit preparation)
+    )
+
+
+def make_trainer(model, tok, feats, eval_records, p, out: Path, collator) -> Trainer:
+    cls = AnswerLossTrainer if p.answer_loss else Trainer
+    return cls(model=model, args=training_args(p, out, len(feats)), train_dataset=feats, data_collator=collator,
+               callbacks=[CurveCallback(tok, eval_records, p, out)])
+
+
+def curve_callback(trainer) -> CurveCallback:
+    return next(c for c in trainer.callback_handler.callbacks if isinstance(c, CurveCallback))
+
+
+def curve_table(log_history) -> pd.DataFrame:
+    """Learning curve: eval perplexity rows joined with the nearest training loss by step."""
+    ev = pd.DataFrame([r for r in log_history if "eval_ppl" in r])
+    loss = pd.DataFrame([{"step": r["step"], "train_loss": r["loss"]} for r in log_history if "loss" in r])
+    if loss.empty:
+        return ev.assign(train_loss=float("nan"))
+    return ev.merge(loss, on="step", how="left")
