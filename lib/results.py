@@ -21,7 +21,10 @@ def git_state() -> dict:
         r = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
         return r.stdout.strip() if r.returncode == 0 else None
 
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    commit = git("rev-parse", "HEAD")
+    if commit is None and os.environ.get("CCT_GIT_COMMIT"):  # a copy of the tree without .git (a lent GPU)
+        return {"commit": os.environ["CCT_GIT_COMMIT"], "dirty": os.environ.get("CCT_GIT_DIRTY") == "1"}
+    return {"commit": commit, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
 def versions() -> dict:

@@ -15,13 +15,37 @@ PARAM_FILES = sorted((ROOT / "params").glob("*.yaml"))
 def test_every_params_file_validates(path):
     loaded = paramfile.load(path)
     assert set(loaded) == set(params.NOTEBOOKS)
-    raw = yaml.safe_load(path.read_text())
-    for section, values in raw.items():  # every key written in the file reaches its notebook
-        targets = params.NOTEBOOKS if section == "common" else [section]
+    raw = yaml.load(path.read_text(), Loader=paramfile._Loader)
+    train_nbs = [nb for nb, cls in params.NOTEBOOKS.items() if issubclass(cls, params.TrainParams)]
+    for section, values in raw.items():  # every key written in the file reaches its notebook(s)
+        targets = {"common": list(params.NOTEBOOKS), "train": train_nbs}.get(section, [section])
         for nb in targets:
             for k, v in values.items():
-                if hasattr(loaded[nb], k):
+                later = raw.get(nb, {}) if section != nb else {}
+                if hasattr(loaded[nb], k) and k not in later and not (section == "common" and k in raw.get("train", {})):
                     assert getattr(loaded[nb], k) == v, (nb, k)
+
+
+def test_each_setting_is_written_once_per_file():
+    """The recipe lives in `train`: a notebook section may change a shared key (04's epochs), not repeat it."""
+    for path in PARAM_FILES:
+        raw = yaml.safe_load(path.read_text())
+        shared = raw.get("common", {}) | raw.get("train", {})
+        for nb in params.NOTEBOOKS:
+            repeated = [k for k, v in raw.get(nb, {}).items() if k in shared and shared[k] == v]
+            assert not repeated, (path.name, nb, repeated)
+
+
+def test_train_section_reaches_01_and_04_alike(tmp_path):
+    f = tmp_path / "x.yaml"
+    f.write_text("train:\n  learning_rate: 1e-4\n  lora_r: 8\n04_plm_compare:\n  epochs: 2\n")
+    loaded = paramfile.load(f)
+    for nb in ("01_finetune", "04_plm_compare"):
+        assert loaded[nb].learning_rate == 0.0001 and loaded[nb].lora_r == 8  # 1e-4: YAML 1.2 float
+    assert loaded["01_finetune"].epochs == 5.0 and loaded["04_plm_compare"].epochs == 2.0
+    f.write_text("train:\n  templates: [course]\n")
+    with pytest.raises(params.ParamsError, match=r"unknown train parameter\(s\) \['templates'\]"):
+        paramfile.load(f)
 
 
 def _parameters_cell(nb_path):
@@ -82,4 +106,4 @@ def test_from_notebook_rejects_injected_typo():
     with pytest.raises(params.ParamsError, match="templtes"):
         paramfile.from_notebook(params.ZeroshotParams, ns)
     del ns["templtes"]
-    assert paramfile.from_notebook(params.ZeroshotParams, ns).templates == ["course", "instructive"]
+    assert paramfile.from_notebook(params.ZeroshotParams, ns).templates == ["course", "instructive", "chat"]

@@ -69,6 +69,9 @@ def test_cache_dequantized_gives_the_same_logits_and_replaces_every_4bit_layer()
     model = _tiny_nf4()
     n4 = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    # train mode: in eval mode on a CPU with AVX512-BF16, bitsandbytes runs its own packed CPU kernel,
+    # whose rounding differs (to 2e-3 here) from the dequantize-and-matmul it runs on GPUs and in training
+    model.train()
     with torch.no_grad():
         before = model(ids).logits
         assert speedups.cache_dequantized(model) == n4 > 0

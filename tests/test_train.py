@@ -175,13 +175,16 @@ def test_lean_nf4_run_equals_the_seed_path_and_its_adapter_loads_on_bitsandbytes
     r = finetune.finetune(replace(p0, lean_nf4=True), tr, ev, tmp_path / "lean")
     model, tok, lean, s = r.model, r.tok, r.curve, r.summary
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
-    assert lean.eval_ppl.tolist() == seed.eval_ppl.tolist()
+    # bitsandbytes evaluates through its packed CPU kernel where the CPU has AVX512-BF16 (other rounding
+    # than the dequantize-and-matmul that lean_nf4 and every GPU use): equal to float noise there
+    exact = not bnb.functional.has_avx512bf16()
+    assert lean.eval_ppl.to_numpy() == pytest.approx(seed.eval_ppl.to_numpy(), rel=0 if exact else 1e-3)
     assert lean.eval_ppl.iloc[-1] < lean.eval_ppl.iloc[0]
     plain = PeftModel.from_pretrained(models.load_model(p0.model, "nf4", p0.compute_dtype, "cpu"),
                                       tmp_path / "lean" / "best_adapter")
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in plain.modules())
     df = evaluate.score_records(plain, tok, ev, [prompts.build(r["instruction"]) for r in ev], 4, p0.max_length)
-    assert df.ppl.mean() == pytest.approx(s["best_ppl"], rel=1e-6)
+    assert df.ppl.mean() == pytest.approx(s["best_ppl"], rel=1e-6 if exact else 1e-3)
 
 
 # The learning curve of this run recorded with the code before the restructuring (commit 21a97fa,
