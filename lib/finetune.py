@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import collate, launch, paramfile, runs, speedups, trainable
+from . import collate, launch, paramfile, results, runs, speedups, trainable
 from .embedded import EMBEDDED
 from .models import device_for
 from .trainer import curve_callback, curve_table, make_trainer, planned_steps, world_size
@@ -102,7 +102,7 @@ def _fit(p, train_records, eval_records, out: Path, run: dict) -> FinetuneResult
         # optimizer steps of this session only, the learning-curve evaluations inside them taken out
         "train_s_per_step": round((runtime - curve_callback(trainer).eval_s) / max(ran, 1), 3),
         "n_train": len(feats), "n_skipped": len(skipped), "n_eval": len(eval_records),
-        "num_processes": world_size(),
+        "num_processes": world_size(), "gpu": results.hardware()["gpu"],
     }
     if trainer.is_world_process_zero():  # the main process alone writes files
         model.save_pretrained(out / "final_adapter")
