@@ -8,3 +8,9 @@ def resolve(path) -> Path:
     """A params path: absolute stays, relative is taken from the project root (not the cwd)."""
     p = Path(path).expanduser()
     return p if p.is_absolute() else ROOT / p
+
+# bitsandbytes warns at import on CPUs with AVX512-BF16 that an optional kernel package is missing; it
+# falls back to its own kernel, so the warning is noise in every command's output
+import logging  # noqa: E402
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

@@ -8,7 +8,7 @@ import torch
 from .finetune import finetune
 
 COLUMNS = ["model", "nominal_params", "zero_shot_ppl", "best_ppl", "best_step", "zero_shot_bits_per_char",
-           "best_bits_per_char", "tokens_per_char", "trainable_params", "steps", "train_s_per_step"]
+           "best_bits_per_char", "tokens_per_char", "trainable_params", "steps", "train_s_per_step", "gpu"]
 
 
 def run_models(p, train_records, eval_records, out, also=()):

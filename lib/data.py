@@ -27,11 +27,15 @@ def _fail(path, msg, index=None, rid=None):
 def _read_json(path: Path):
     if not path.is_file():
         raise DataError(f"{path}: file not found (set data_dir to the folder holding the course JSON files)")
+    raw = path.read_bytes()
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(raw.decode("utf-8"))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
     except UnicodeDecodeError as e:
+        if e.reason == "unexpected end of data":  # the last character's bytes are not all there
+            raise DataError(f"{path}: the file ends in the middle of a character ({len(raw)} bytes): it is "
+                            "truncated; copy it again") from None
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 

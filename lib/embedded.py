@@ -154,14 +154,20 @@ def weight_hashes(folder: Path) -> dict:
     return {w.name: sha256_file(w) for w in sorted(Path(folder).glob("*.safetensors"))}
 
 
+def converted(name: str) -> Path | None:
+    """The converted folder of an embedded model if it is in the cache, else None (nothing fetched)."""
+    out = cache_dir() / "hf" / name
+    return out if "weights_sha256" in _provenance(out) else None
+
+
 def convert_gguf(name: str) -> Path:
     """A bf16 transformers folder for an embedded model, converted from its GGUF once and cached."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if found := converted(name):  # older caches recorded no weight hashes: converted again
+        return found
     out = cache_dir() / "hf" / name
-    if "weights_sha256" in _provenance(out):  # older caches recorded no weight hashes: convert again
-        return out
     gguf = fetch_gguf(name)
     print(f"converting {gguf.name} to a bf16 transformers folder (once) ...", flush=True)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

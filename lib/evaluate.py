@@ -100,13 +100,23 @@ def _batch_nll(model, encs, pad_id, dev):
     return torch.zeros(len(encs), device=dev).index_add_(0, row, losses).tolist()
 
 
+def _check_scorable(encs, ids, max_length):
+    """The metric is undefined for an example with no answer token left within max_length."""
+    bad = [i for i, e in enumerate(encs) if len(e.input_ids) <= e.n_prompt]
+    if bad:
+        name = ids[bad[0]] if ids else f"example {bad[0]}"
+        raise ValueError(f"{len(bad)} example(s) leave no answer token within max_length={max_length} (the "
+                         f"prompt alone fills it), first: {name}; raise max_length or drop the record")
+
+
 @torch.inference_mode()
-def perplexities(model, tok, prompts, outputs, batch_size=16, max_length=2048, progress=True) -> Scores:
+def perplexities(model, tok, prompts, outputs, batch_size=16, max_length=2048, progress=True, ids=None) -> Scores:
     """The course metric, batched: examples sorted by length, right-padded, pads masked."""
     if len(prompts) != len(outputs):
         raise ValueError(f"{len(prompts)} prompts but {len(outputs)} outputs")
     dev = next(model.parameters()).device
     encs = [encode(tok, p, o, max_length) for p, o in zip(prompts, outputs)]
+    _check_scorable(encs, ids, max_length)
     order = sorted(range(len(encs)), key=lambda i: -len(encs[i].input_ids))  # longest first: OOM shows early
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     nll = [0.0] * len(encs)
@@ -126,7 +136,8 @@ def score_records(model, tok, records, prompts_, batch_size=16, max_length=2048,
     import pandas as pd
 
     outputs = [r["output"] for r in records]
-    s = perplexities(model, tok, prompts_, outputs, batch_size=batch_size, max_length=max_length)
+    s = perplexities(model, tok, prompts_, outputs, batch_size=batch_size, max_length=max_length,
+                     ids=[r["id"] for r in records])
     if s.n_truncated:
         print(f"note: {s.n_truncated} of {len(records)} sequences were cut at max_length={max_length}")
     df = pd.DataFrame({"id": [r["id"] for r in records], "direction": [r["direction"] for r in records],

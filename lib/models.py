@@ -43,10 +43,10 @@ def _verified(folder: str) -> tuple:
 
 def model_identity(model: str) -> dict:
     """Provenance of a model: the hashes of the files loaded (embedded or local), else the hub id."""
-    if model in EMBEDDED:
-        spec = EMBEDDED[model]
-        return {"model": model, "sha256": dict(_verified(model_path(model))), "gguf_sha256": spec.sha256,
-                "source": list(spec.packages), "licence": spec.licence}
+    if model in EMBEDDED:  # hashes of the converted files where they are here; a run read back needs none
+        spec, folder = EMBEDDED[model], embedded.converted(model)
+        return {"model": model, "sha256": dict(_verified(str(folder))) if folder else None,
+                "gguf_sha256": spec.sha256, "source": list(spec.packages), "licence": spec.licence}
     path = resolve(model)
     weights = embedded.weight_hashes(path) if path.is_dir() else {}
     return {"model": model, "sha256": weights or None, "source": str(path) if path.exists() else model}

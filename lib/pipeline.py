@@ -57,6 +57,8 @@ def _export_html(executed: Path) -> Path:
     from nbconvert import HTMLExporter
 
     nb = nbformat.read(executed, as_version=4)
+    for cell in nb.cells:  # warnings and progress bars are for the console, not the report
+        cell["outputs"] = [o for o in cell.get("outputs", []) if o.get("name") != "stderr"]
     html, _ = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True).from_notebook_node(nb)
     out = executed.with_suffix(".html")
     out.write_text(html, encoding="utf-8")
@@ -109,6 +111,8 @@ def main(argv=None) -> int:
     ap.add_argument("--run-dir", help="write into this folder (e.g. to resume a run) instead of a new one")
     a = ap.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # the kernels inherit this: library deprecation notices would otherwise flood the console
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning,ignore::UserWarning")
     with one_line_errors("resume with the same command plus --run-dir <the run folder printed above>") as cli:
         run_dir = run(a.params_file, a.only, a.run_dir)
         report = run_dir / "05_report.html"

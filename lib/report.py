@@ -119,7 +119,7 @@ def examples(res) -> pd.DataFrame:
 
 def ladder_table(res) -> pd.DataFrame:
     table = get(res, "04_plm_compare")[1]["summary"]
-    return table[[c for c in compare.COLUMNS if c in table]]
+    return table[[c for c in compare.COLUMNS if c in table]].sort_values("nominal_params")
 
 
 def _fewshot_bits(res) -> dict:
