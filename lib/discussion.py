@@ -28,9 +28,14 @@ def _retrieval(res) -> str:
         return "**Retrieved vs fixed examples:** the sweep did not run both."
     f, o = fixed.loc[fixed.mean_ppl.idxmin()], other.loc[other.mean_ppl.idxmin()]
     gain = (f.mean_ppl - o.mean_ppl) / f.mean_ppl * 100
-    return (f"**Does choosing examples beat the seed's fixed ones?** The seed's fixed examples do best at k={int(f.k)} "
+    text = (f"**Does choosing examples beat the seed's fixed ones?** The seed's fixed examples do best at k={int(f.k)} "
             f"(mean ppl {f.mean_ppl:.2f}); {o.strategy} examples at k={int(o.k)} reach {o.mean_ppl:.2f}, "
             f"{abs(gain):.1f}% {'lower' if gain > 0 else 'higher'}.")
+    seed = fixed[fixed.k == 4]
+    if len(seed):  # the seed's own setting: its 4 examples
+        s = float(seed.mean_ppl.iloc[0])
+        text += f" Against the seed's own setting (its 4 examples, {s:.2f}) that is {(s - o.mean_ppl) / s * 100:.1f}% lower."
+    return text
 
 
 def _ladder(res) -> str:

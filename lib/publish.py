@@ -47,7 +47,7 @@ def headline_markdown(folder) -> str:
              "| method | setting | direction | mean ppl | bits/char | chrF | seed's 7B: mean ppl / bits/char (upper est.) |",
              "|---|---|---|---|---|---|---|"]
     for r in h.itertuples(index=False):
-        seed = f"{r[6]:.2f} / {r[7]:.2f}" if r[6] else ""
+        seed = f"{r[6]:.2f} / {r[7]:.2f}" if r[6] == r[6] and r[6] else ""  # NaN: none for a direction
         lines.append(f"| {r.method} | {r.setting} | {r.direction} | {_fmt(r.mean_ppl, 2)} | {_fmt(r.bits_per_char, 2)} "
                      f"| {_fmt(r.chrF, 1)} | {seed} |")
     return "\n".join(lines)

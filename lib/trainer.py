@@ -31,9 +31,9 @@ class CurveCallback(TrainerCallback):
     """Course-metric perplexity on the eval set every eval_steps (and at steps 0 and last).
 
     Rows go into state.log_history, which checkpoints carry, so a resumed run keeps its curve. A new
-    best is saved as best_adapter/. Under DDP every process runs the same evaluation: their Trainer
-    states stay identical (an evaluation on rank 0 alone hung the next checkpoint save in a 2-process
-    run), and the main process alone writes files.
+    best is saved as best_adapter/. Under DDP the processes share the evaluation (each scores a shard)
+    and all get the whole result, so their Trainer states stay identical (an evaluation on rank 0 alone
+    hung the next checkpoint save in a 2-process run); the main process alone writes files.
     """
 
     def __init__(self, tok, eval_records, p, out: Path):
@@ -41,12 +41,26 @@ class CurveCallback(TrainerCallback):
         self.prompts = [prompts.build(r["instruction"], p.template) for r in eval_records]
         self.eval_s = 0.0  # time spent here, so seconds per step can leave it out
 
+    def _score(self, model):
+        """Per-example scores of the eval set; under DDP each process scores every world-th record and
+        all gather the rows back into the one-process order, so every process holds the same table."""
+        import torch.distributed as dist
+
+        ranks = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        idx = list(range(dist.get_rank() if ranks > 1 else 0, len(self.records), ranks))
+        with speedups.eager():
+            df = evaluate.score_records(model, self.tok, [self.records[i] for i in idx], [self.prompts[i] for i in idx],
+                                        self.p.eval_batch_size, self.p.max_length).assign(_i=idx)
+        if ranks > 1:
+            parts = [None] * ranks
+            dist.all_gather_object(parts, df)
+            df = pd.concat(parts)
+        return df.sort_values("_i").drop(columns="_i").reset_index(drop=True)
+
     def _evaluate(self, model, state):
         t = time.time()
         model.eval()
-        with speedups.eager():
-            df = evaluate.score_records(model, self.tok, self.records, self.prompts, self.p.eval_batch_size,
-                                        self.p.max_length)
+        df = self._score(model)
         model.train()
         row = {"step": state.global_step, "eval_ppl": float(df.ppl.mean()),
                "eval_bits_per_char": evaluate.bits_per_char(df)}

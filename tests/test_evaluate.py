@@ -47,6 +47,16 @@ def test_summary_bits_per_char(tiny, sample_eval):
     df = evaluate.score_records(model, tok, sample_eval, [prompts.build(r["instruction"]) for r in sample_eval])
     s = evaluate.summarize(df.assign(template="course"), "template")
     assert s.n[0] == 20 and s.mean_ppl[0] == pytest.approx(df.ppl.mean())
-    # one token per char plus EOS with a char tokenizer: bits/char ~ log2(ppl) * (chars+1)/chars
-    assert s.bits_per_char[0] == pytest.approx(df.nll.sum() / df.n_chars.sum() / math.log(2))
     assert set(s.columns) >= {"ppl_classical", "ppl_modern"}
+
+
+def test_bits_per_char_of_a_hand_computed_example():
+    """Two answers: 'ab' scored 2 tokens + EOS at 1 bit each (3 ln 2 nats), '子曰是' 4 x 0.5 bit (2 ln 2 nats):
+    5 bits over 5 characters = 1.0 bit per character; the mean of per-token perplexities would say
+    otherwise (2 and sqrt 2), which is why the ladder compares in bits per character."""
+    import pandas as pd
+
+    df = pd.DataFrame({"nll": [3 * math.log(2), 2 * math.log(2)], "n_chars": [2, 3], "n_tokens": [3, 4],
+                       "ppl": [2.0, math.sqrt(2)], "direction": ["modern", "classical"]})
+    assert evaluate.bits_per_char(df) == pytest.approx(1.0)
+    assert evaluate.bits_per_char(df.iloc[:1]) == pytest.approx(1.5)

@@ -1,0 +1,53 @@
+"""The published study: the README's headline table is what the committed results say."""
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lib import publish, report
+
+ROOT = Path(__file__).resolve().parents[1]
+PUBLISHED = sorted((ROOT / "reports").glob("course-*/"))
+
+
+@pytest.mark.parametrize("folder", PUBLISHED, ids=lambda p: p.name)
+def test_readme_headline_matches_the_committed_results(folder):
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = readme.split(publish.START, 1)[1].split(publish.END, 1)[0].strip()
+    assert block == publish.headline_markdown(folder)
+
+
+@pytest.mark.parametrize("folder", PUBLISHED, ids=lambda p: p.name)
+def test_published_study_is_whole_and_small(folder):
+    files = [f for f in folder.rglob("*") if f.is_file()]
+    assert sum(f.stat().st_size for f in files) < publish.MAX_BYTES
+    assert not [f for f in files if f.suffix in (".safetensors", ".pt", ".bin", ".gguf")]
+    for nb in ("01_finetune", "02_zeroshot", "03_fewshot_sweep", "04_plm_compare", "05_report"):
+        assert (folder / f"{nb}.html").exists()
+    res = report.load_all(folder)
+    assert not [n for n, v in res.items() if isinstance(v, report.Missing)]
+    preds = pd.read_json(folder / "01_finetune" / "predictions.json")
+    assert list(preds.columns) == ["id", "output"] and len(preds) == 250  # the whole private test
+
+
+def test_headline_numbers_against_the_per_example_files():
+    """Independent of report.headline: recompute QLoRA's and zero-shot's row from the raw tables."""
+    if not PUBLISHED:
+        pytest.skip("no published study")
+    folder = PUBLISHED[0]
+    h = report.headline(report.load_all(folder)).set_index(["method", "direction"])
+    zs = pd.read_csv(folder / "02_zeroshot" / "per_example.csv")
+    course = zs[zs.template == "course"]
+    assert h.loc[("zero-shot", "all"), "mean_ppl"] == pytest.approx(course.ppl.mean())
+    # bits per character by hand: total nats over total characters, in bits
+    assert h.loc[("zero-shot", "all"), "bits_per_char"] == pytest.approx(
+        course.nll.sum() / course.n_chars.sum() / math.log(2))
+    curve = pd.read_csv(folder / "01_finetune" / "curve.csv")
+    assert h.loc[("QLoRA", "all"), "mean_ppl"] == pytest.approx(curve.eval_ppl.min())
+
+
+def test_seed_bits_per_char_conversion():
+    """CONVENTIONS.md: log2(mean ppl) x 1.86 tokens per character: 5.454 -> 4.55, 3.324 -> 3.22."""
+    assert report.seed_bits_per_char(5.454) == pytest.approx(4.55, abs=0.005)
+    assert report.seed_bits_per_char(3.324) == pytest.approx(3.22, abs=0.005)
