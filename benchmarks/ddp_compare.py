@@ -1,0 +1,61 @@
+"""01's fine-tuning on one GPU and on N GPUs of the same host, at the same effective batch: both learning
+curves, their largest relative difference, and the speed ratio (optimizer steps carry the same tokens, so
+tokens/s of N over 1 = seconds per step of 1 over N), measured in one run.
+
+    python benchmarks/ddp_compare.py params/course.yaml --out /tmp/ddp [--processes 2] [+key=value ...]
+
+`+key=value` changes a field of the `train` recipe (e.g. +max_steps=300 +compile=false).
+Writes DIR/ddp_compare.json and DIR/ddp_curves.png.
+"""
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from lib import paramfile, plots, results  # noqa: E402
+
+
+def run(p, n: int, out: Path) -> dict:
+    cfg = paramfile.dump_train(dataclasses.replace(p, num_processes=n), out / f"p{n}.yaml")
+    r = subprocess.run([sys.executable, "-m", "lib.train", str(cfg), "--out", str(out / f"n{n}")], cwd=ROOT)
+    if r.returncode:
+        return {"processes": n, "error": f"exit {r.returncode}"}
+    summary = json.loads((out / f"n{n}" / "summary.json").read_text())
+    return {"processes": n, "summary": summary, "curve": pd.read_csv(out / f"n{n}" / "curve.csv")}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("params")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--processes", type=int, default=2)
+    ap.add_argument("changes", nargs="*", help="+key=value changes of the train recipe")
+    a = ap.parse_args()
+    p = paramfile.load(a.params)["01_finetune"]
+    p = dataclasses.replace(p, **{k.lstrip("+"): yaml.safe_load(v) for k, v in (c.split("=", 1) for c in a.changes)})
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    one, many = run(p, 1, out), run(p, a.processes, out)
+    doc = {"params": p.to_dict(), "hardware": results.hardware(), "versions": results.versions(),
+           "runs": [{k: v for k, v in r.items() if k != "curve"} for r in (one, many)]}
+    if "curve" in one and "curve" in many:
+        c1, cn = one["curve"].set_index("step"), many["curve"].set_index("step")
+        rel = ((cn.eval_ppl - c1.eval_ppl).abs() / c1.eval_ppl).max()
+        doc |= {"max_rel_diff_eval_ppl": float(rel),
+                "speedup": one["summary"]["train_s_per_step"] / many["summary"]["train_s_per_step"]}
+        both = pd.concat([one["curve"].assign(run="1 GPU"), many["curve"].assign(run=f"{a.processes} GPUs")])
+        plots.save(plots.learning_curves(both, hue="run"), out / "ddp_curves.png")
+        print(f"{a.processes} GPUs over 1: {doc['speedup']:.2f}x the tokens/s; curves differ by at most "
+              f"{rel * 100:.2f}% (relative, eval ppl)")
+    (out / "ddp_compare.json").write_text(json.dumps(doc, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
