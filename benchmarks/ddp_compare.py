@@ -37,7 +37,7 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--processes", type=int, default=2)
     ap.add_argument("changes", nargs="*", help="+key=value changes of the train recipe")
-    a = ap.parse_args()
+    a = ap.parse_intermixed_args()  # the +changes may follow --out
     p = paramfile.load(a.params)["01_finetune"]
     p = dataclasses.replace(p, **{k.lstrip("+"): yaml.safe_load(v) for k, v in (c.split("=", 1) for c in a.changes)})
     out = Path(a.out)
