@@ -148,9 +148,3 @@ def provenance(res) -> pd.DataFrame:
                      **{k: v for k, v in pv["versions"].items() if k in ("torch", "transformers", "peft", "bitsandbytes")}})
     return pd.DataFrame(rows)
 
-
-def discussion(res) -> str:
-    """The discussion, written from the numbers (lib.discussion); parts whose results are missing say so."""
-    from . import discussion
-
-    return discussion.text(res)
