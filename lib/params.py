@@ -88,10 +88,11 @@ class OptimParams:
     weight_decay: float = 0.0
     optim: str = "adamw_torch"  # adamw_torch_fused: the same AdamW in one kernel per step
     gradient_checkpointing: bool = True
+    neftune_noise_alpha: float = 0.0  # > 0: NEFTune's uniform noise on the input embeddings in training (5 is usual)
 
     def check(self):
         _positive(self, "micro_batch_size", "grad_accum", "learning_rate")
-        _non_negative(self, "train_limit", "max_steps", "max_grad_norm", "weight_decay")
+        _non_negative(self, "train_limit", "max_steps", "max_grad_norm", "weight_decay", "neftune_noise_alpha")
         _choice("lr_scheduler", self.lr_scheduler, ("constant", "constant_with_warmup", "linear", "cosine"))
         _choice("optim", self.optim, ("adamw_torch", "adamw_torch_fused"))
         _fraction("warmup_ratio", self.warmup_ratio)

@@ -5,6 +5,7 @@ an error, and a finished one (`summary.json` + `curve.csv` + `final_adapter/`) w
 is read back instead of trained again (01 re-run, 04's ladder). Checkpoints get a `complete` marker
 once the Trainer has written all of their files, so one cut mid-save is skipped, not resumed from.
 """
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -53,14 +54,19 @@ def _read(path: Path) -> dict | None:
 
 
 def _differences(old: dict, new: dict) -> list[str]:
-    diff = [k for k in sorted(set(old["recipe"]) | set(new["recipe"])) if old["recipe"].get(k) != new["recipe"].get(k)]
+    """What differs between two runs' recipes and data. A field added to the code since the old run was
+    recorded counts as its default there, so old runs stay reusable when new options appear."""
+    default = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+               for f in fields(TrainParams)}
+    keys = sorted(set(old["recipe"]) | set(new["recipe"]))
+    diff = [k for k in keys if old["recipe"].get(k, default.get(k)) != new["recipe"].get(k, default.get(k))]
     return diff + [f"data:{k}" for k in ("train", "eval") if old["data"][k] != new["data"][k]]
 
 
 def claim(out: Path, run: dict, resume: bool):
     """Record that out holds this run; refuse a folder holding another run's checkpoints or results."""
     old = _read(out / "run.json")
-    if old is not None and old["fingerprint"] != run["fingerprint"] and resume:
+    if old is not None and _differences(old, run) and resume:
         raise RunError(f"{out} holds another run (differs in {', '.join(_differences(old, run))}). "
                        f"Start fresh: choose another output folder, or delete {out}")
     out.mkdir(parents=True, exist_ok=True)
@@ -70,8 +76,9 @@ def claim(out: Path, run: dict, resume: bool):
 def finished(out: Path, run: dict) -> dict | None:
     """The summary of a finished run of this recipe and data in out, else None."""
     summary = _read(out / "summary.json")  # written last, after the adapters: its presence means done
-    ok = summary and summary.get("fingerprint") == run["fingerprint"]
-    return summary if ok and (out / "curve.csv").exists() else None
+    old = _read(out / "run.json") if summary else None
+    ok = old is not None and not _differences(old, run) and (out / "curve.csv").exists()
+    return summary if ok else None
 
 
 def save_finished(out: Path, summary: dict, curve: pd.DataFrame):

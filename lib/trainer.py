@@ -126,6 +126,7 @@ def training_args(p, out: Path, n_train: int) -> TrainingArguments:
         gradient_accumulation_steps=per_process_accum(p.grad_accum, world_size()), max_steps=planned_steps(p, n_train),
         learning_rate=p.learning_rate, lr_scheduler_type=p.lr_scheduler, warmup_steps=p.warmup_ratio,
         max_grad_norm=p.max_grad_norm, weight_decay=p.weight_decay, optim=p.optim,
+        neftune_noise_alpha=p.neftune_noise_alpha or None,
         logging_steps=p.logging_steps, save_strategy="steps", save_steps=p.save_steps,
         eval_strategy="no", report_to="none", seed=p.seed, data_seed=p.seed, bf16=bf16,
         use_cpu=(device_for(p.device) == "cpu"), remove_unused_columns=False,

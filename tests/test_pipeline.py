@@ -119,6 +119,16 @@ def test_plm_numbers(full_run):
     assert first == pytest.approx(load(run, "01_finetune")[1]["curve"].eval_ppl.to_numpy())
 
 
+def test_a_second_04_run_trains_nothing_and_gives_the_same_table(full_run, tmp_path):
+    run, _ = full_run
+    before = load(run, "04_plm_compare")[1]["summary"]
+    cfg = write_cfg(tmp_path, {"04_plm_compare": {"models": [TINY, tiny_model.path(seed=1, hidden=128)]}})
+    r = pipeline(cfg, run, "04_plm_compare")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("reusing the finished run") == 2 and "step 2: eval" not in r.stdout
+    pd.testing.assert_frame_equal(load(run, "04_plm_compare")[1]["summary"], before)
+
+
 def test_report_html_has_the_numbers(full_run):
     run, _ = full_run
     tables = pd.read_html(run / "05_report.html")

@@ -174,3 +174,17 @@ def test_15_json_cut_inside_a_character(tmp_path):
     (tmp_path / "train.json").write_bytes(raw[:raw.index("說".encode()) + 1])  # 1 of the character's 3 bytes
     with pytest.raises(data.DataError, match="ends in the middle of a character .* truncated"):
         data.load_records(tmp_path / "train.json")
+
+
+def test_a_run_recorded_before_a_new_option_existed_is_still_reused(tmp_path, capsys):
+    """run.json written by older code lacks a field added since (at its default): still the same run."""
+    tr, ev = records()
+    p = params.FinetuneParams(**BASE)
+    finetune.finetune(p, tr, ev, tmp_path)
+    doc = json.loads((tmp_path / "run.json").read_text())
+    del doc["recipe"]["neftune_noise_alpha"]
+    (tmp_path / "run.json").write_text(json.dumps(doc))
+    assert finetune.finetune(p, tr, ev, tmp_path).model is None  # read back
+    assert "reusing the finished run" in capsys.readouterr().out
+    with pytest.raises(runs.RunError, match="differs in neftune_noise_alpha"):
+        finetune.finetune(params.FinetuneParams(**BASE, neftune_noise_alpha=5.0), tr, ev, tmp_path)

@@ -203,3 +203,13 @@ def test_learning_curve_unchanged_since_the_restructuring(tmp_path):
     assert curve.step.tolist() == [0, 2, 4, 6, 8]
     assert curve.eval_ppl.to_numpy() == pytest.approx(BEFORE["eval_ppl"], rel=1e-6)
     assert curve.train_loss.to_numpy() == pytest.approx(BEFORE["train_loss"], rel=1e-6, nan_ok=True)
+
+
+def test_neftune_reaches_the_trainer_and_noises_only_training(tiny, tmp_path):
+    """NEFTune is HF's own (noise on the input embeddings in training): the param reaches it, or is off."""
+    from lib.trainer import training_args
+
+    assert training_args(tiny_params(), tmp_path, 40).neftune_noise_alpha is None
+    assert training_args(tiny_params(neftune_noise_alpha=5.0), tmp_path, 40).neftune_noise_alpha == 5.0
+    with pytest.raises(params.ParamsError, match="neftune_noise_alpha"):
+        tiny_params(neftune_noise_alpha=-1.0)
