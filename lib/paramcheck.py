@@ -1,5 +1,6 @@
 """Checks shared by the params dataclasses: types as annotated, choices, ranges; errors name the key."""
-from typing import get_args, get_origin
+from dataclasses import fields
+from typing import get_args, get_origin, get_type_hints
 
 
 class ParamsError(ValueError):
@@ -50,3 +51,12 @@ def non_negative(p, *names):
 def fraction(name, value):
     if not 0 <= value < 1:
         raise ParamsError(f"parameter {name!r} must be in [0, 1), got {value!r}")
+
+
+def check_types(obj):
+    """Every field of a params dataclass has its annotated type (YAML and papermill give untyped values)."""
+    hints = get_type_hints(type(obj))
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        if not type_ok(v, hints[f.name]):
+            raise ParamsError(f"parameter {f.name!r} must be {type_name(hints[f.name])}, got {v!r}")

@@ -5,12 +5,10 @@ papermill only warns about unknown parameters, so a typo would silently do nothi
 and wrong types are errors that name the key, both in the runner and inside the notebook itself.
 """
 import dataclasses
-from dataclasses import dataclass, field, fields
-from typing import get_type_hints
-
+from dataclasses import dataclass, field
 from .launch import per_process_accum
-from .paramcheck import (ParamsError, choice as _choice, fraction as _fraction, non_negative as _non_negative,
-                         positive as _positive, template as _template, type_name, type_ok)
+from .paramcheck import (ParamsError, check_types, choice as _choice, fraction as _fraction,
+                         non_negative as _non_negative, positive as _positive, template as _template)
 
 __all__ = ["ParamsError"]
 
@@ -34,11 +32,7 @@ class Common:
     seed: int = 0
 
     def __post_init__(self):
-        hints = get_type_hints(type(self))
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if not type_ok(v, hints[f.name]):
-                raise ParamsError(f"parameter {f.name!r} must be {type_name(hints[f.name])}, got {v!r}")
+        check_types(self)
         self.check()
 
     def check(self):
@@ -255,10 +249,3 @@ NOTEBOOKS = {
     "05_report": ReportParams,
 }
 
-
-def group_of(name: str) -> str:
-    """The group a fine-tuning field belongs to ('model and data' for Common's), for tables."""
-    for title, g in TRAIN_GROUPS.items():
-        if name in {f.name for f in fields(g)}:
-            return title
-    return "model and data"

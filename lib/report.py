@@ -1,10 +1,11 @@
 """05_report: tables, figures and the discussion from the saved results of 01-04 (never recomputed)."""
 import math
+from dataclasses import fields
 
 import pandas as pd
 
 from . import compare, resolve, results
-from .params import TrainParams, group_of
+from .params import TRAIN_GROUPS, TrainParams
 
 SECTIONS = {"01_finetune": "QLoRA fine-tuning", "02_zeroshot": "zero-shot prompts",
             "03_fewshot_sweep": "few-shot sweep", "04_plm_compare": "PLM comparison"}
@@ -48,6 +49,14 @@ def get(res, name):
     if isinstance(res[name], Missing):
         raise res[name]
     return res[name]
+
+
+def group_of(name: str) -> str:
+    """The group a fine-tuning field belongs to ('model and data' for Common's), for tables."""
+    for title, g in TRAIN_GROUPS.items():
+        if name in {f.name for f in fields(g)}:
+            return title
+    return "model and data"
 
 
 def hyperparameters(res) -> pd.DataFrame:

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from lib import launch, paramfile, params
+from lib import launch, params
 from tests.tiny_model import path as tiny_path
 
 TINY = tiny_path()  # the tiny test model: a local folder, like any user's model
