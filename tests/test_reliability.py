@@ -146,15 +146,18 @@ def test_13_ctrl_c_prints_one_line_on_how_to_resume(tmp_path):
     cfg.write_text(yaml.safe_dump({"common": {"model": TINY, "eval_limit": 4}, "train": {
         "micro_batch_size": 4, "grad_accum": 2, "max_steps": 40, "eval_steps": 2, "save_steps": 2,
         "learning_rate": 0.01}}))
+    # a shell that starts jobs in the background hands them SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler: give the child the default disposition, as a terminal would
     proc = subprocess.Popen([sys.executable, "-u", "-m", "lib.train", str(cfg), "--out", str(tmp_path / "o")],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stdout:
         if "step 4: eval" in line:
             proc.send_signal(signal.SIGINT)
             break
-    _, err = proc.communicate(timeout=120)
+    rest, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130
-    assert "interrupted; run the same command again to resume" in err and "Traceback" not in err
+    assert "interrupted; run the same command again to resume" in rest and "Traceback" not in rest
 
 
 def test_14_params_and_data_errors_through_lib_train_are_one_line(tmp_path):
