@@ -213,3 +213,13 @@ def test_neftune_reaches_the_trainer_and_noises_only_training(tiny, tmp_path):
     assert training_args(tiny_params(neftune_noise_alpha=5.0), tmp_path, 40).neftune_noise_alpha == 5.0
     with pytest.raises(params.ParamsError, match="neftune_noise_alpha"):
         tiny_params(neftune_noise_alpha=-1.0)
+
+
+def test_the_effective_batch_defines_the_curve(tmp_path):
+    """micro-batch 2 x grad-accum 4 and 8 x 1 train on the same 8 records a step: the same curve (the loss
+    is a token mean over the whole step, not a mean of micro-batch means)."""
+    tr = data.load_split("data/sample", "train", limit=32)
+    ev = data.load_split("data/sample", "public_test", limit=6)
+    curves = [finetune.finetune(tiny_params(micro_batch_size=m, grad_accum=g, max_steps=4, eval_steps=2, save_steps=4),
+                                tr, ev, tmp_path / f"{m}x{g}").curve for m, g in ((2, 4), (8, 1))]
+    assert curves[0].eval_ppl.to_numpy() == pytest.approx(curves[1].eval_ppl.to_numpy(), rel=1e-5)
