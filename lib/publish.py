@@ -47,7 +47,8 @@ def headline_markdown(folder) -> str:
              "| method | setting | direction | mean ppl | bits/char | chrF | seed's 7B: mean ppl / bits/char (upper est.) |",
              "|---|---|---|---|---|---|---|"]
     for r in h.itertuples(index=False):
-        seed = f"{r[6]:.2f} / {r[7]:.2f}" if r[6] == r[6] and r[6] else ""  # NaN: none for a direction
+        has_seed = r.seed_7b_mean_ppl == r.seed_7b_mean_ppl and r.seed_7b_mean_ppl  # NaN: none for a direction
+        seed = f"{r.seed_7b_mean_ppl:.2f} / {r.seed_7b_bits_per_char_upper:.2f}" if has_seed else ""
         lines.append(f"| {r.method} | {r.setting} | {r.direction} | {_fmt(r.mean_ppl, 2)} | {_fmt(r.bits_per_char, 2)} "
                      f"| {_fmt(r.chrF, 1)} | {seed} |")
     return "\n".join(lines)

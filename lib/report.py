@@ -96,9 +96,9 @@ def headline(res) -> pd.DataFrame:
     pe = fs["per_example"]
     few = pe[(pe.strategy == best["strategy"]) & (pe.k == best["k"])]
     curve = ft["curve"].set_index("step").loc[ft_doc["summary"]["best_step"]]
-    tuned = {d: (curve["eval_ppl" + ("" if d == "all" else f"_{d}")],
-                 curve["eval_bits_per_char" + ("" if d == "all" else f"_{d}")]) for d in DIRECTIONS
-             if f"eval_ppl_{d}" in curve or d == "all"}
+    suffix = {d: "" if d == "all" else f"_{d}" for d in DIRECTIONS}  # the curve's column per direction
+    tuned = {d: (curve[f"eval_ppl{s}"], curve[f"eval_bits_per_char{s}"]) for d, s in suffix.items()
+             if f"eval_ppl{s}" in curve}
     rows = [("zero-shot", "course prompt", _by_direction(zs[zs.template == "course"]), _chrf(fs["quality"], "zero-shot")),
             ("few-shot", f"{best['strategy']}, k={best['k']}", _by_direction(few), _chrf(fs["quality"], "few-shot")),
             ("QLoRA", f"best adapter (step {ft_doc['summary']['best_step']})", tuned, _chrf(ft["quality"], "QLoRA"))]
@@ -107,8 +107,8 @@ def headline(res) -> pd.DataFrame:
         for d, (ppl, bpc) in values.items():
             seed = SEED_PPL[method] if d == "all" else None
             out.append({"method": method, "setting": setting, "direction": d, "mean_ppl": ppl, "bits_per_char": bpc,
-                        "chrF": chrf.get(d), "seed 7B mean_ppl": seed,
-                        "seed 7B bits_per_char (upper est.)": seed_bits_per_char(seed) if seed else None})
+                        "chrF": chrf.get(d), "seed_7b_mean_ppl": seed,
+                        "seed_7b_bits_per_char_upper": seed_bits_per_char(seed) if seed else None})
     return pd.DataFrame(out)
 
 
@@ -121,9 +121,8 @@ def quality(res) -> pd.DataFrame:
 def examples(res) -> pd.DataFrame:
     """The same public-test records answered zero-shot, few-shot and by the fine-tuned model."""
     fs = get(res, "03_fewshot_sweep")[1]["examples"]
-    ft = get(res, "01_finetune")[1]["examples"]
-    n = min(len(fs), len(ft))
-    return fs.head(n).assign(**{"QLoRA": ft.output.head(n).to_numpy()})
+    ft = get(res, "01_finetune")[1]["examples"][["instruction", "output"]].rename(columns={"output": "QLoRA"})
+    return fs.merge(ft, on="instruction")  # the records both notebooks showed
 
 
 def ladder_table(res) -> pd.DataFrame:

@@ -1,8 +1,8 @@
 """Fine-tuning run folders: what a run was (params and data fingerprint), its checkpoints, its record.
 
 A folder holds one run. `run.json` is written when it starts; resuming it with other params or data is
-an error, and a finished one (`summary.json` + `curve.csv` + `final_adapter/`) with the same fingerprint
-is read back instead of trained again (01 re-run, 04's ladder). Checkpoints get a `complete` marker
+an error, and a finished one (`summary.json` and `curve.csv`, all that must travel between machines) of
+the same recipe and data is read back instead of trained again (01 re-run, 04's ladder). Checkpoints get a `complete` marker
 once the Trainer has written all of their files, so one cut mid-save is skipped, not resumed from.
 """
 import dataclasses
@@ -66,8 +66,9 @@ def _differences(old: dict, new: dict) -> list[str]:
 def claim(out: Path, run: dict, resume: bool):
     """Record that out holds this run; refuse a folder holding another run's checkpoints or results."""
     old = _read(out / "run.json")
-    if old is not None and _differences(old, run) and resume:
-        raise RunError(f"{out} holds another run (differs in {', '.join(_differences(old, run))}). "
+    diff = _differences(old, run) if old is not None and resume else []
+    if diff:
+        raise RunError(f"{out} holds another run (differs in {', '.join(diff)}). "
                        f"Start fresh: choose another output folder, or delete {out}")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "run.json", json.dumps(run, ensure_ascii=False, indent=2, default=str))
@@ -96,14 +97,11 @@ def last_checkpoint(out: Path) -> Path | None:
             print(f"note: {ckpt} was not completely written (cut mid-save); removed, resuming from an earlier one")
             shutil.rmtree(ckpt)
             continue
-        _read(ckpt / "trainer_state.json") or _missing(ckpt)
+        if _read(ckpt / "trainer_state.json") is None:  # a damaged file raises inside _read
+            raise RunError(f"{ckpt}: trainer_state.json is missing; the checkpoint is damaged. Delete {ckpt} "
+                           "to resume from the one before it")
         return ckpt
     return None
-
-
-def _missing(ckpt):
-    raise RunError(f"{ckpt}: trainer_state.json is missing; the checkpoint is damaged. Delete {ckpt} to "
-                   "resume from the one before it")
 
 
 class MarkComplete(TrainerCallback):
@@ -113,9 +111,3 @@ class MarkComplete(TrainerCallback):
         if state.is_world_process_zero:
             (Path(args.output_dir) / f"checkpoint-{state.global_step}" / MARKER).write_text("")
 
-
-def curve_columns(curve: pd.DataFrame) -> pd.DataFrame:
-    """One column order however the rows were read (a resumed run's come back with sorted keys)."""
-    first = ["step", "eval_ppl", "eval_bits_per_char"]
-    per_dir = sorted(c for c in curve if c.startswith(("eval_ppl_", "eval_bits_per_char_")))
-    return curve[first + per_dir + [c for c in curve if c not in first and c not in per_dir]]

@@ -150,6 +150,8 @@ def curve_callback(trainer) -> CurveCallback:
 def curve_table(log_history) -> pd.DataFrame:
     """Learning curve: eval perplexity rows joined with the nearest training loss by step."""
     ev = pd.DataFrame([r for r in log_history if "eval_ppl" in r])
+    # one column order however the rows were read (a resumed run's come back with sorted keys)
+    ev = ev[["step", "eval_ppl", "eval_bits_per_char"] + sorted(c for c in ev if c.startswith(("eval_ppl_", "eval_bits_per_char_")))]
     loss = pd.DataFrame([{"step": r["step"], "train_loss": r["loss"]} for r in log_history if "loss" in r])
     if loss.empty:
         return ev.assign(train_loss=float("nan"))

@@ -2,9 +2,7 @@ import os
 from pathlib import Path
 
 import pytest
-from tests.tiny_model import path as tiny_path
-
-TINY = tiny_path()  # the tiny test model: a local folder, like any user's model
+from tests.tiny_model import TINY
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 COURSE = Path(__file__).resolve().parents[2] / "shared" / "data" / "classical-chinese"

@@ -11,9 +11,7 @@ sys.path.insert(0, str(BENCH))
 import memtrace  # noqa: E402
 import stacks  # noqa: E402
 import train_speed  # noqa: E402
-from tests.tiny_model import path as tiny_path
-
-TINY = tiny_path()  # the tiny test model: a local folder, like any user's model
+from tests.tiny_model import TINY
 
 
 def test_train_speed_modes_on_the_tiny_model(tmp_path, monkeypatch):

@@ -3,9 +3,7 @@ import json
 import torch
 
 from lib import data, finetune, generate, params, prompts
-from tests.tiny_model import path as tiny_path
-
-TINY = tiny_path()  # the tiny test model: a local folder, like any user's model
+from tests.tiny_model import TINY
 
 
 def greedy_reference(model, tok, prompt, n):

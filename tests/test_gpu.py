@@ -3,9 +3,7 @@ import pytest
 import torch
 
 from lib import data, evaluate, models, prompts
-from tests.tiny_model import path as tiny_path
-
-TINY = tiny_path()  # the tiny test model: a local folder, like any user's model
+from tests.tiny_model import TINY
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

@@ -5,9 +5,7 @@ import pytest
 import yaml
 
 from lib import launch, params
-from tests.tiny_model import path as tiny_path
-
-TINY = tiny_path()  # the tiny test model: a local folder, like any user's model
+from tests.tiny_model import TINY
 
 
 def test_launch_command_for_n_processes(tmp_path):

@@ -4,9 +4,7 @@ import zipfile
 import pytest
 
 from lib import data, embedded, evaluate, models, prompts
-from tests.tiny_model import path as tiny_path
-
-TINY = tiny_path()  # the tiny test model: a local folder, like any user's model
+from tests.tiny_model import TINY
 
 
 def fake_wheel(tmp_path, payload: bytes):

@@ -9,9 +9,7 @@ import pytest
 import yaml
 
 from tests import tiny_model
-from tests.tiny_model import path as tiny_path
-
-TINY = tiny_path()  # the tiny test model: a local folder, like any user's model
+from tests.tiny_model import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = {

@@ -12,10 +12,9 @@ import pytest
 import yaml
 
 from lib import data, evaluate, finetune, paramfile, params, prompts, runs
-from tests.tiny_model import path as tiny_path
+from tests.tiny_model import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = tiny_path()
 BASE = dict(model=TINY, micro_batch_size=4, grad_accum=1, max_steps=4, eval_steps=2, save_steps=2,
             logging_steps=1, eval_limit=4, learning_rate=1e-2)
 

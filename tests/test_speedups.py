@@ -5,9 +5,7 @@ import torch.nn.functional as F
 
 from lib import chunked_loss, collate, data, models, params, speedups, trainable
 from lib.trainer import AnswerLossTrainer
-from tests.tiny_model import path as tiny_path
-
-TINY = tiny_path()  # the tiny test model: a local folder, like any user's model
+from tests.tiny_model import TINY
 
 
 def _plain(hidden, weight, targets, cap):

@@ -10,9 +10,7 @@ import yaml
 
 from lib import collate, data, evaluate, finetune, params, prompts
 from lib.trainer import AnswerLossTrainer
-from tests.tiny_model import path as tiny_path
-
-TINY = tiny_path()  # the tiny test model: a local folder, like any user's model
+from tests.tiny_model import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -55,3 +55,5 @@ def path(seed: int = 0, hidden: int = 64) -> str:
     """The tiny model's folder, built once per test process."""
     return str(build(Path(tempfile.mkdtemp(prefix="cct-tiny-")), seed=seed, hidden=hidden))
 
+
+TINY = path()  # the tiny test model's folder: tests pass it as a local model, like any user's
