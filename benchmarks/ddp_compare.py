@@ -44,7 +44,8 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     one, many = run(p, 1, out), run(p, a.processes, out)
     doc = {"params": p.to_dict(), "hardware": results.hardware(), "versions": results.versions(),
-           "runs": [{k: v for k, v in r.items() if k != "curve"} for r in (one, many)]}
+           "runs": [{k: v for k, v in r.items() if k != "curve"} | (
+               {"curve": r["curve"].to_dict(orient="records")} if "curve" in r else {}) for r in (one, many)]}
     if "curve" in one and "curve" in many:
         c1, cn = one["curve"].set_index("step"), many["curve"].set_index("step")
         rel = ((cn.eval_ppl - c1.eval_ppl).abs() / c1.eval_ppl).max()

@@ -12,11 +12,18 @@ first mode and the mean loss of the last steps; --json keeps the loss curves. Ra
 and memory of QLoRA do not depend on the weight values.
 
     python benchmarks/train_speed.py --config gemma3-270m.json --tokenizer tok/ --data-dir data/raw
+
+--processes 1,2 runs every mode on 1 and on 2 GPUs of this host (accelerate launch, one process per
+GPU; --grad-accum is the total, split across the processes, so the effective batch is the same) and
+prints the tokens/s of N GPUs over 1 GPU, mode by mode.
 """
 import argparse
 import gc
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -24,8 +31,9 @@ import torch
 import yaml
 from transformers import PrinterCallback, Trainer, TrainerCallback
 
-from lib import collate, data, models, paramfile, params, trainable
-from lib.trainer import AnswerLossTrainer, training_args
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project, also when accelerate runs this file
+from lib import collate, data, launch, models, paramfile, params, trainable  # noqa: E402
+from lib.trainer import AnswerLossTrainer, training_args, world_size  # noqa: E402
 
 BASELINE = dict(compute_dtype="float32", answer_loss=False, group_by_length=False, packing=False, pack_tokens=512,
                 gradient_checkpointing=True, keep_frozen_dtype=False, cache_dequantized=False, compile=False,
@@ -209,10 +217,14 @@ def run(mode, settings, model_dir, feats, tok, a, spy_file=None):
     t = time.perf_counter()
     trainer.train()
     losses = [round(r["loss"], 4) for r in trainer.state.log_history if "loss" in r][:a.steps]
-    row = {"mode": mode, "settings": settings, "tokens_per_s": round(clock.tokens / clock.dt),
+    tokens, dt = across_processes(clock.tokens, clock.dt)
+    # per GPU: each process's GPU against the matmul rate of this one
+    mfu = tokens / dt / world_size() * flops_per_token(model_dir, p.gradient_checkpointing) / a.matmul_rate
+    row = {"mode": mode, "settings": settings, "tokens_per_s": round(tokens / dt), "processes": world_size(),
+           "mfu": round(mfu, 6),
            "peak_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if torch.cuda.is_available() else 0.0,
            "load_peak_gib": round(clock.load_peak / 2 ** 30, 2),
-           "s_per_step": round(clock.dt / (a.steps - a.warmup), 3), "load_s": round(t_load, 1),
+           "s_per_step": round(dt / (a.steps - a.warmup), 3), "load_s": round(t_load, 1),
            "untimed_s": round(time.perf_counter() - t - clock.dt, 1),  # warm-up (compilation) + profiling
            "losses": losses}
     if a.profile:
@@ -224,11 +236,89 @@ def run(mode, settings, model_dir, feats, tok, a, spy_file=None):
     return row
 
 
+def matmul_rate(n=8192, reps=20) -> float:
+    """bf16 matmul FLOP/s this GPU reaches on large square products (the MFU denominator), measured now."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    n = n if dev == "cuda" else 512  # a CPU test only checks the arithmetic
+    a, b = (torch.randn(n, n, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    sync()
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+
+def flops_per_token(model_dir, checkpointing: bool) -> float:
+    """Model FLOPs of one trained token in QLoRA: 2 x parameters for the forward, 2 x for the gradient
+    with respect to the inputs (frozen weights get none), 2 x more for the recomputed forward when
+    checkpointing; all parameters counted (embeddings included, LoRA's ~1% left out), as the 7B figure
+    of the performance issue (6 x 6.74 GFLOP)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        n = sum(x.numel() for x in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir)).parameters())
+    return 2 * n * (3 if checkpointing else 2)
+
+
+def across_processes(tokens, dt):
+    """(tokens of all processes, the slowest process's seconds) of a data-parallel run; as is on one."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return tokens, dt
+    t = torch.tensor([float(tokens), dt], device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(t[:1])
+    dist.all_reduce(t[1:], op=dist.ReduceOp.MAX)
+    return int(t[0].item()), float(t[1].item())
+
+
+def over_processes(a, argv) -> None:
+    """--processes: every count in its own `accelerate launch`, then N GPUs over 1 GPU per mode."""
+    counts = [int(n) for n in a.processes.split(",")]
+    if a.config:
+        random_model(a.config, Path(a.work) / ("model-" + Path(a.config).stem))  # once, before the launches
+    rest = strip_option(argv, "--processes")
+    rest = strip_option(rest, "--json")
+    result = {"processes": counts, "runs": {}}
+    for n in counts:
+        out = Path(a.work) / f"processes-{n}.json"
+        out.unlink(missing_ok=True)
+        cmd = launch.accelerate_command(n, cpu=a.device == "cpu", port=29600 + n) + [__file__, *rest, "--json", str(out)]
+        rc = subprocess.run(cmd, env=launch.environment()).returncode
+        result["runs"][n] = json.loads(out.read_text()) if out.exists() else {"error": f"exit {rc}"}
+    one = {r["mode"]: r for r in result["runs"].get(counts[0], {}).get("rows", []) if "error" not in r}
+    for n in counts[1:]:
+        for r in result["runs"][n].get("rows", []):
+            if "error" not in r and r["mode"] in one:
+                ratio = r["tokens_per_s"] / one[r["mode"]]["tokens_per_s"]
+                r[f"over_{counts[0]}"] = round(ratio, 3)
+                print(f"{r['mode']}: {n} processes {r['tokens_per_s']} tok/s vs {counts[0]}: "
+                      f"{one[r['mode']]['tokens_per_s']} tok/s = {ratio:.2f}x", flush=True)
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=1))
+
+
+def strip_option(argv, name):
+    """argv without `name value` / `name=value`."""
+    out, skip = [], False
+    for x in argv:
+        if skip:
+            skip = False
+        elif x == name:
+            skip = True
+        elif not x.startswith(name + "="):
+            out.append(x)
+    return out
+
+
 def print_row(r, base):
     tail = r["losses"][-10:]
     print(f"{r['mode']:44s} {r['tokens_per_s']:>7d} tok/s  peak {r['peak_gib']:6.2f} GiB (load {r.get('load_peak_gib', 0):.2f})"
           f"  {r['s_per_step']:.3f} s/step"
-          f"  x{r['tokens_per_s'] / base['tokens_per_s']:.2f}  loss(last 10) {sum(tail) / len(tail):.4f}", flush=True)
+          f"  x{r['tokens_per_s'] / base['tokens_per_s']:.2f}  MFU {r['mfu']:.1%}  loss(last 10) {sum(tail) / len(tail):.4f}", flush=True)
     if "profile" in r:
         pr = r["profile"]
         print(f"    profile: wall {pr['wall_ms_per_step']} ms/step, GPU busy {pr['gpu_ms_per_step']} ms/step, "
@@ -263,9 +353,13 @@ def main():
     ap.add_argument("--params", default="params/course.yaml", help="where the project mode's settings come from")
     ap.add_argument("--modes", default="baseline,project")
     ap.add_argument("--work", default="/tmp/train_speed")
-    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--device", default="auto", help="auto: the GPU of this process's local rank, else cpu")
     ap.add_argument("--json", help="write the result (loss curves included) here, after every mode")
+    ap.add_argument("--processes", help="e.g. 1,2: every mode on 1 and on 2 GPUs, and the ratio")
     a = ap.parse_args()
+    if a.processes and world_size() == 1 and "LOCAL_RANK" not in os.environ:
+        return over_processes(a, sys.argv[1:])
+    main_process = int(os.environ.get("RANK", 0)) == 0
     from transformers import AutoTokenizer
 
     fp = paramfile.load(a.params)["01_finetune"]
@@ -274,8 +368,12 @@ def main():
     feats = features(tok, a)
     model_dir = models.model_path(a.model) if a.model else random_model(
         a.config, Path(a.work) / ("model-" + Path(a.config).stem))
+    a.matmul_rate = matmul_rate()
     result = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "torch": torch.__version__, "model": a.model or a.config,
-              "micro_batch": a.micro_batch, "grad_accum": a.grad_accum, "params": a.params, "rows": []}
+              "micro_batch": a.micro_batch, "grad_accum": a.grad_accum, "params": a.params,
+              "matmul_flops_per_s": a.matmul_rate, "rows": []}
+    if main_process:
+        print(f"bf16 matmul rate measured here: {a.matmul_rate / 1e12:.1f} TFLOP/s (the MFU denominator)", flush=True)
     for i, m in enumerate(a.modes.split(","), 1):
         try:
             row = run(m, mode_settings(m, project), model_dir, feats, tok, a, a.pyspy and f"{a.pyspy}.{i}.txt")
@@ -285,10 +383,11 @@ def main():
             continue
         result["rows"].append(row)
         ok = [r for r in result["rows"] if "error" not in r]
-        print_row(row, ok[0])
-        if a.json:
+        if main_process:
+            print_row(row, ok[0])
+        if a.json and main_process:
             Path(a.json).write_text(json.dumps(result, indent=1))
-    if a.json:
+    if a.json and main_process:
         Path(a.json).write_text(json.dumps(result, indent=1))
 
 

@@ -24,8 +24,8 @@ def per_process_accum(grad_accum: int, num_processes: int) -> int:
     return grad_accum // num_processes
 
 
-def command(params_file, out, num_processes: int, cpu: bool = False, port: int = 29500) -> list[str]:
-    """The `accelerate launch` command line for N processes on this host running lib.train.
+def accelerate_command(num_processes: int, cpu: bool = False, port: int = 29500) -> list[str]:
+    """`accelerate launch` for N processes on this host, up to the program it runs.
 
     cpu=True hides the GPUs (tests); accelerate refuses --cpu together with --multi_gpu.
     """
@@ -36,7 +36,12 @@ def command(params_file, out, num_processes: int, cpu: bool = False, port: int =
         cmd += ["--multi_gpu"]
     elif cpu:
         cmd += ["--cpu"]
-    return cmd + ["-m", "lib.train", str(params_file), "--out", str(out)]
+    return cmd
+
+
+def command(params_file, out, num_processes: int, cpu: bool = False, port: int = 29500) -> list[str]:
+    """The `accelerate launch` command line for N processes on this host running lib.train."""
+    return accelerate_command(num_processes, cpu, port) + ["-m", "lib.train", str(params_file), "--out", str(out)]
 
 
 def environment() -> dict:

@@ -102,4 +102,21 @@ def load_model(model: str, quantization: str = "nf4", compute_dtype: str = "floa
         raise ModelError(f"cannot load model {model!r} from {path}: {type(e).__name__}: {e}. If it is a "
                          "local folder, check or re-save its files; an embedded model's cache can be "
                          "deleted and is rebuilt on next use") from e
+    no_cpu_repack(m)
     return m.eval()
+
+
+def no_cpu_repack(model) -> None:
+    """Keep bitsandbytes from repacking 4-bit weights for its AVX512-BF16 CPU kernel.
+
+    On such CPUs a Linear4bit forward in eval mode repacks its weight, and from then on every forward,
+    training ones too, runs that kernel, which has no backward: in a model that trains, the gradient
+    through the frozen weight to the layer's input is silently dropped after the first learning-curve
+    evaluation (LoRA gradients of all earlier layers wrong). Saving an adapter happens to unpack it again,
+    which is why one process trained right and the second process of a data-parallel run, which does not
+    save, did not. Its rounding also differs from the dequantize-and-matmul that training and GPUs use
+    (1e-4 on the tiny model's perplexity), so every model, evaluated or trained, keeps the one kernel.
+    """
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False

@@ -1,4 +1,6 @@
 """The HF Trainer as the fine-tuning runs it: answer-only loss, the learning-curve callback, arguments."""
+import contextlib
+import functools
 import math
 import os
 import time
@@ -84,29 +86,36 @@ class CurveCallback(TrainerCallback):
             self._evaluate(model, state)
 
 
+def answer_loss(model, input_ids, labels, attention_mask=None, position_ids=None, num_items_in_batch=None,
+                bf16=False):
+    """Mean NLL of the answer tokens (labels != IGNORE), the LM head run on those positions only."""
+    score = torch.zeros_like(labels, dtype=torch.bool)
+    score[:, :-1] = labels[:, 1:] != IGNORE  # position t predicts label t+1
+    # accelerate puts bf16 autocast around model.forward; this path calls the decoder directly, so it must
+    # do the same, or the LoRA matmuls run in fp32 with a cast around every one of them
+    with torch.autocast(labels.device.type, dtype=torch.bfloat16, enabled=bf16):
+        losses, _ = evaluate.token_nll(model, input_ids, attention_mask, score, position_ids)
+    # a sum over the items of all accumulated micro-batches, as HF does: exact token mean per step
+    return losses.sum() / (num_items_in_batch if num_items_in_batch is not None else losses.numel())
+
+
 class AnswerLossTrainer(Trainer):
     """Trainer whose loss runs the LM head only on answer tokens (evaluate.token_nll).
 
     Same value as the model's own loss on these labels, without the full-vocabulary logits of every
-    prompt token: less memory, most of all for large vocabularies (Gemma: 262k). Under DDP the
-    forward must go through the DDP wrapper for its gradient hooks, so there it falls back to the
-    model's own loss (equal value, more memory).
+    prompt token: less memory and time, most of all for large vocabularies (Gemma: 262k).
     """
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if hasattr(model, "module"):  # wrapped by DDP
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        labels = inputs["labels"]
-        score = torch.zeros_like(labels, dtype=torch.bool)
-        score[:, :-1] = labels[:, 1:] != IGNORE  # position t predicts label t+1
-        # accelerate puts bf16 autocast around model.forward; this path calls the decoder directly, so
-        # it must do the same, or the LoRA matmuls run in fp32 with a cast around every one of them
-        bf16 = bool(getattr(getattr(self, "args", None), "bf16", False))
-        with torch.autocast(labels.device.type, dtype=torch.bfloat16, enabled=bf16):
-            losses, _ = evaluate.token_nll(model, inputs["input_ids"], inputs.get("attention_mask"), score,
-                                           inputs.get("position_ids"))
-        # a sum over the items of all accumulated micro-batches, as HF does: exact token mean per step
-        loss = losses.sum() / (num_items_in_batch if num_items_in_batch is not None else losses.numel())
+        bf16 = self.args.bf16
+        if hasattr(model, "module"):  # wrapped by DDP: its own forward must run, it arms the gradient all-reduce
+            with forward_replaced(model.module, functools.partial(answer_loss, model.module, bf16=bf16)):
+                loss = model(**inputs, num_items_in_batch=num_items_in_batch)
+        else:
+            loss = answer_loss(model, **inputs, num_items_in_batch=num_items_in_batch, bf16=bf16)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # as HF does: num_items_in_batch counts every process's tokens and DDP averages the gradients
+            loss = loss * self.accelerator.num_processes
         return (loss, None) if return_outputs else loss
 
     def floating_point_ops(self, inputs):
@@ -117,6 +126,20 @@ class AnswerLossTrainer(Trainer):
                 self.model, "num_parameters") else 0
         ids = inputs.get(getattr(self.model, "main_input_name", "input_ids"))
         return 0 if ids is None else 6 * ids.numel() * self._flop_params
+
+
+@contextlib.contextmanager
+def forward_replaced(module, forward):
+    """module's forward is `forward` inside the block (an instance attribute shadows the class method)."""
+    before = module.__dict__.get("forward")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if before is None:
+            del module.forward
+        else:
+            module.forward = before
 
 
 def training_args(p, out: Path, n_train: int) -> TrainingArguments:
@@ -135,6 +158,15 @@ def training_args(p, out: Path, n_train: int) -> TrainingArguments:
         train_sampling_strategy="group_by_length" if p.group_by_length else "random",
         # gradient checkpointing is set up by lib.trainable (peft's kbit preparation)
     )
+
+
+def _restore_cpu_n(obj, location):
+    return obj if location.startswith("cpu:") else None
+
+
+# A data-parallel run on CPU (gloo) has the device "cpu:<rank>", where HF maps a resumed optimizer state
+# to; torch.load restores "cpu" but not "cpu:0" ("don't know how to restore data location").
+torch.serialization.register_package(11, lambda obj: None, _restore_cpu_n)
 
 
 def make_trainer(model, tok, feats, eval_records, p, out: Path, collator) -> Trainer:

@@ -14,6 +14,22 @@ import train_speed  # noqa: E402
 from tests.tiny_model import TINY
 
 
+def test_train_speed_over_processes(tmp_path, monkeypatch):
+    """--processes 1,2: each count in its own accelerate launch (CPU, gloo) at the same effective batch
+    (4 x 2 on one process, 4 x 1 on each of two): the same losses, and the ratio of their tokens/s."""
+    out = tmp_path / "r.json"
+    monkeypatch.setattr(sys, "argv", [
+        "train_speed.py", "--model", TINY, "--data-dir", "data/sample", "--records", "16", "--micro-batch", "4",
+        "--grad-accum", "2", "--steps", "3", "--warmup", "1", "--device", "cpu", "--params", "params/default.yaml",
+        "--work", str(tmp_path / "w"), "--json", str(out), "--modes", "project", "--processes", "1,2"])
+    train_speed.main()
+    runs = json.loads(out.read_text())["runs"]
+    one, two = runs["1"]["rows"][0], runs["2"]["rows"][0]
+    assert (one["processes"], two["processes"]) == (1, 2)
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-5) and len(one["losses"]) == 3
+    assert two["over_1"] == pytest.approx(two["tokens_per_s"] / one["tokens_per_s"], rel=1e-2)
+
+
 def test_train_speed_modes_on_the_tiny_model(tmp_path, monkeypatch):
     """Baseline and project (seed settings but the answer-only loss) see the same batches: same losses."""
     out = tmp_path / "r.json"
@@ -26,6 +42,15 @@ def test_train_speed_modes_on_the_tiny_model(tmp_path, monkeypatch):
     assert [r["mode"] for r in rows] == ["baseline", "project+lean_nf4=true"]
     assert rows[0]["settings"] == train_speed.BASELINE and rows[1]["settings"]["lean_nf4"] is True
     assert all(r["tokens_per_s"] > 0 and len(r["losses"]) == 3 for r in rows)
+    # MFU = tokens/s x FLOPs per token / the matmul rate measured in the run; the tiny Llama's parameters
+    # counted by hand: embeddings + LM head 2 x V x 64, per layer 4 attention (q, o 64x64; k, v 64x32),
+    # 3 MLP 64x128, 2 norms; final norm
+    doc = json.loads(out.read_text())
+    v = json.loads((Path(TINY) / "config.json").read_text())["vocab_size"]
+    n = 2 * v * 64 + 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64) + 64
+    for r in rows:
+        per_token = 2 * n * (3 if r["settings"]["gradient_checkpointing"] else 2)
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * per_token / doc["matmul_flops_per_s"], rel=0.05)
     assert rows[1]["losses"] == pytest.approx(rows[0]["losses"], rel=1e-4)
 
 

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from lib import chunked_loss, collate, data, models, params, speedups, trainable
-from lib.trainer import AnswerLossTrainer
+from lib.trainer import AnswerLossTrainer, answer_loss
 from tests.tiny_model import TINY
 
 
@@ -67,10 +67,7 @@ def test_cache_dequantized_gives_the_same_logits_and_replaces_every_4bit_layer()
     model = _tiny_nf4()
     n4 = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
-    # train mode: in eval mode on a CPU with AVX512-BF16, bitsandbytes runs its own packed CPU kernel,
-    # whose rounding differs (to 2e-3 here) from the dequantize-and-matmul it runs on GPUs and in training
-    model.train()
-    with torch.no_grad():
+    with torch.no_grad():  # eval mode: no CPU repacking either (lib.models.no_cpu_repack)
         before = model(ids).logits
         assert speedups.cache_dequantized(model) == n4 > 0
         after = model(ids).logits
@@ -85,7 +82,7 @@ def _step(p, feats, tok):
     model.train()
     batch = collate.PadCollator(tok.pad_token_id)(feats)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=p.compute_dtype == "bfloat16"):
-        loss = AnswerLossTrainer.compute_loss(None, model, batch)
+        loss = answer_loss(model, **batch)
     loss.backward()
     grads = {n: x.grad.clone() for n, x in model.named_parameters() if x.requires_grad}
     return model, loss.item(), grads
@@ -122,8 +119,6 @@ def test_keep_frozen_dtype_leaves_bf16_weights_bf16(tiny):
 def test_answer_loss_runs_lora_under_bf16_autocast(tiny):
     """With bf16 compute the answer-only loss runs under autocast, as the model's own forward does
     under the Trainer (else the LoRA matmuls run in fp32); with fp32 compute it does not."""
-    from types import SimpleNamespace
-
     _, _, tok = tiny
     feats, _, _ = collate.encode_examples(tok, data.load_split("data/sample", "train", limit=2), "course", 2048)
     batch = collate.PadCollator(tok.pad_token_id)(feats)
@@ -133,8 +128,7 @@ def test_answer_loss_runs_lora_under_bf16_autocast(tiny):
     lora_a = next(m for n, m in model.named_modules() if n.endswith("lora_A.default"))
     lora_a.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     for bf16 in (True, False):
-        fake = SimpleNamespace(args=SimpleNamespace(bf16=bf16))
-        loss = AnswerLossTrainer.compute_loss(fake, model, batch)
+        loss = answer_loss(model, **batch, bf16=bf16)
         assert torch.isfinite(loss)
     assert seen == [torch.bfloat16, torch.float32]
 
