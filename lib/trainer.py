@@ -144,7 +144,7 @@ def forward_replaced(module, forward):
 
 def training_args(p, out: Path, n_train: int) -> TrainingArguments:
     bf16 = p.compute_dtype == "bfloat16"
-    return TrainingArguments(
+    args = TrainingArguments(
         output_dir=str(out / "checkpoints"), per_device_train_batch_size=p.micro_batch_size,
         gradient_accumulation_steps=per_process_accum(p.grad_accum, world_size()), max_steps=planned_steps(p, n_train),
         learning_rate=p.learning_rate, lr_scheduler_type=p.lr_scheduler, warmup_steps=p.warmup_ratio,
@@ -158,6 +158,13 @@ def training_args(p, out: Path, n_train: int) -> TrainingArguments:
         train_sampling_strategy="group_by_length" if p.group_by_length else "random",
         # gradient checkpointing is set up by lib.trainable (peft's kbit preparation)
     )
+    if world_size() == 1:
+        # One process trains on one GPU. HF otherwise takes every visible GPU for nn.DataParallel and
+        # multiplies the micro-batch by their number: on a 2-GPU host a "1-GPU" run trained 16 x 2
+        # records a step instead of 8 x 2 (measured on 2 x H200), another recipe without a word.
+        _ = args.device  # sets _n_gpu; setting it first would be overwritten
+        args._n_gpu = min(args._n_gpu, 1)
+    return args
 
 
 def _restore_cpu_n(obj, location):

@@ -2,12 +2,13 @@ import json
 import os
 import signal
 import subprocess
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
-from lib import ROOT, launch, paramfile, params
+from lib import ROOT, launch, paramfile, params, runs
 from tests.tiny_model import TINY
 
 
@@ -47,13 +48,15 @@ def _log(run, step=4):
     return [x for r in h if "loss" in r for x in (r["loss"], r["grad_norm"], r["epoch"])]
 
 
-def _kill_group_after(cmd, env, text):
-    """Run cmd in its own process group; SIGKILL the whole group once a line contains text."""
+def _kill_after(cmd, env, done: Path, out):
+    """Run cmd; once the file done exists, SIGKILL its process group and every process naming out on its
+    command line (torch's launcher starts the workers in sessions of their own)."""
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-    for line in proc.stdout:
-        if text in line:
+    for _ in proc.stdout:
+        if done.exists():
             os.killpg(proc.pid, signal.SIGKILL)
+            subprocess.run(["pkill", "-9", "-f", str(out)])
             break
     return proc.wait()
 
@@ -82,7 +85,8 @@ def test_two_process_cpu_run_is_the_one_process_run(tmp_path, capfd):
     cut = tmp_path / "cut"
     cfg = paramfile.dump_train(paramfile.load(_cfg(tmp_path, 2))["01_finetune"], tmp_path / "cut.yaml")
     env = launch.environment() | {"CUDA_VISIBLE_DEVICES": ""}
-    rc = _kill_group_after(launch.command(cfg, cut, 2, cpu=True, port=29513), env, "step 2: eval")
+    rc = _kill_after(launch.command(cfg, cut, 2, cpu=True, port=29513), env,
+                     cut / "checkpoints" / "checkpoint-2" / runs.MARKER, cut)
     assert rc != 0 and not (cut / "summary.json").exists()
     capfd.readouterr()
     launch.run(cfg, cut, 2, cpu=True, port=29514)

@@ -232,6 +232,16 @@ def test_learning_curve_unchanged(tmp_path):
     assert curve.train_loss.to_numpy() == pytest.approx(BEFORE["train_loss"], rel=1e-6, nan_ok=True)
 
 
+def test_one_process_trains_one_micro_batch_on_a_multi_gpu_host(tmp_path, monkeypatch):
+    """HF's Trainer takes every visible GPU of a single process for nn.DataParallel and multiplies the
+    micro-batch by their number; a run of one process keeps the recipe's micro-batch (2 GPUs faked)."""
+    from lib.trainer import training_args
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    args = training_args(tiny_params(device="cuda"), tmp_path, 40)  # no CUDA here: HF's GPU branch on the CPU
+    assert args.n_gpu == 1 and args.train_batch_size == 4
+
+
 def test_neftune_reaches_the_trainer_and_noises_only_training(tiny, tmp_path):
     """NEFTune is HF's own (noise on the input embeddings in training): the param reaches it, or is off."""
     from lib.trainer import training_args
