@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from . import collate, launch, paramfile, results, runs, speedups, trainable
@@ -101,6 +102,8 @@ def _fit(p, train_records, eval_records, out: Path, run: dict) -> FinetuneResult
         "train_s": round(time.time() - t, 1),
         # optimizer steps of this session only, the learning-curve evaluations inside them taken out
         "train_s_per_step": round((runtime - curve_callback(trainer).eval_s) / max(ran, 1), 3),
+        # the typical step, without the compile warm-up of the first steps: what to compare speeds by
+        "median_s_per_step": round(float(np.median(curve_callback(trainer).step_s)), 4) if ran else None,
         "n_train": len(feats), "n_skipped": len(skipped), "n_eval": len(eval_records),
         "num_processes": world_size(), "gpu": results.hardware()["gpu"],
     }

@@ -42,6 +42,8 @@ class CurveCallback(TrainerCallback):
         self.tok, self.records, self.p, self.out = tok, eval_records, p, out
         self.prompts = [prompts.build(r["instruction"], p.template) for r in eval_records]
         self.eval_s = 0.0  # time spent here, so seconds per step can leave it out
+        self.step_s = []  # each optimizer step's seconds, evaluations and checkpoint saves left out
+        self._t = None
 
     def _score(self, model):
         """Per-example scores of the eval set; under DDP each process scores every world-th record and
@@ -81,7 +83,12 @@ class CurveCallback(TrainerCallback):
         if state.global_step == 0:
             self._evaluate(model, state)
 
+    def on_step_begin(self, args, state, control, **kw):
+        self._t = time.perf_counter()
+
     def on_step_end(self, args, state, control, model=None, **kw):
+        if self._t is not None:
+            self.step_s.append(time.perf_counter() - self._t)
         if state.global_step % self.p.eval_steps == 0 or state.global_step == state.max_steps:
             self._evaluate(model, state)
 

@@ -14,6 +14,26 @@ import train_speed  # noqa: E402
 from tests.tiny_model import TINY
 
 
+def test_ddp_compare_on_cpu(tmp_path, monkeypatch):
+    """ddp_compare: 1 and 2 processes (gloo) of the same recipe, both curves kept, equal, and a ratio of
+    the typical step times."""
+    import ddp_compare
+    import yaml
+
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(yaml.safe_dump({"common": {"model": TINY, "eval_limit": 5}, "train": {
+        "micro_batch_size": 2, "grad_accum": 2, "max_steps": 4, "eval_steps": 2, "save_steps": 4, "logging_steps": 1}}))
+    monkeypatch.setattr(sys, "argv", ["ddp_compare.py", str(cfg), "--out", str(tmp_path / "o"), "+learning_rate=0.01"])
+    ddp_compare.main()
+    doc = json.loads((tmp_path / "o" / "ddp_compare.json").read_text())
+    one, two = (r["curve"] for r in doc["runs"])
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [0, 2, 4]
+    assert doc["max_rel_diff_eval_ppl"] < 1e-5 and one[-1]["eval_ppl"] < one[0]["eval_ppl"]
+    s1, s2 = (r["summary"] for r in doc["runs"])
+    assert doc["speedup"] == pytest.approx(s1["median_s_per_step"] / s2["median_s_per_step"])
+    assert (tmp_path / "o" / "ddp_curves.png").exists()
+
+
 def test_train_speed_over_processes(tmp_path, monkeypatch):
     """--processes 1,2: each count in its own accelerate launch (CPU, gloo) at the same effective batch
     (4 x 2 on one process, 4 x 1 on each of two): the same losses, and the ratio of their tokens/s."""

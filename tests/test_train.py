@@ -242,6 +242,22 @@ def test_one_process_trains_one_micro_batch_on_a_multi_gpu_host(tmp_path, monkey
     assert args.n_gpu == 1 and args.train_batch_size == 4
 
 
+def test_step_times_leave_evaluations_out(tmp_path):
+    """median_s_per_step's samples: each optimizer step's time, the evaluation after it not counted."""
+    import time
+    from types import SimpleNamespace
+
+    from lib.trainer import CurveCallback
+
+    cb = CurveCallback(None, [], tiny_params(eval_steps=1), tmp_path)
+    cb._evaluate = lambda model, state: time.sleep(0.3)  # a slow evaluation after every step
+    for step in (1, 2, 3):
+        cb.on_step_begin(None, None, None)
+        time.sleep(0.02)
+        cb.on_step_end(None, SimpleNamespace(global_step=step, max_steps=3), None)
+    assert len(cb.step_s) == 3 and all(0.02 <= s < 0.2 for s in cb.step_s)
+
+
 def test_neftune_reaches_the_trainer_and_noises_only_training(tiny, tmp_path):
     """NEFTune is HF's own (noise on the input embeddings in training): the param reaches it, or is off."""
     from lib.trainer import training_args

@@ -1,6 +1,8 @@
 """A tiny random-init Llama with a character tokenizer, built from a config into a temporary folder and
 passed to the code as a local model path, like any user's model."""
+import atexit
 import json
+import shutil
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -52,8 +54,10 @@ def build(out: Path, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
 
 @lru_cache(maxsize=None)
 def path(seed: int = 0, hidden: int = 64) -> str:
-    """The tiny model's folder, built once per test process."""
-    return str(build(Path(tempfile.mkdtemp(prefix="cct-tiny-")), seed=seed, hidden=hidden))
+    """The tiny model's folder, built once per test process and removed when it exits."""
+    folder = Path(tempfile.mkdtemp(prefix="cct-tiny-"))
+    atexit.register(shutil.rmtree, folder, True)
+    return str(build(folder, seed=seed, hidden=hidden))
 
 
 TINY = path()  # the tiny test model's folder: tests pass it as a local model, like any user's
