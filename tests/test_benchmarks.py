@@ -14,6 +14,33 @@ import train_speed  # noqa: E402
 from tests.tiny_model import TINY
 
 
+def test_decode_sweep_on_the_tiny_model(tmp_path):
+    """decode_sweep: 01's own decoding first, then each setting; the setting reaches generate() (a 2-token
+    limit gives answers of at most 2 characters: one token a character here); a bad key stops it early."""
+    import decode_sweep
+    import yaml
+
+    from lib import data, finetune, paramfile
+
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(yaml.safe_dump({"common": {"model": TINY, "eval_limit": 4}, "train": {
+        "micro_batch_size": 4, "grad_accum": 1, "max_steps": 2, "eval_steps": 2, "save_steps": 2, "logging_steps": 1},
+        "01_finetune": {"max_new_tokens": 8, "gen_batch_size": 4}}))
+    p = paramfile.load(cfg)["01_finetune"]
+    finetune.finetune(p, data.load_split(p.data_dir, "train", limit=8), data.load_split(p.data_dir, p.eval_split, limit=4),
+                      tmp_path / "run")
+    out = tmp_path / "s.json"
+    decode_sweep.main([str(cfg), "--run", str(tmp_path / "run"), "--limit", "4", "max_new_tokens=2 num_beams=2",
+                       "--json", str(out)])
+    doc = json.loads(out.read_text())
+    assert [r["setting"] for r in doc["rows"] if r["direction"] == "all"] == ["01's own", "max_new_tokens=2 num_beams=2"]
+    assert all(0 <= r["chrF"] <= 100 and r["n"] > 0 for r in doc["rows"])
+    assert all(len(x) <= 2 for x in doc["answers"]["max_new_tokens=2 num_beams=2"])
+    assert any(len(x) > 2 for x in doc["answers"]["01's own"])  # 8 new tokens
+    with pytest.raises(SystemExit, match="not key=value of a decoding parameter"):
+        decode_sweep.main([str(cfg), "--run", str(tmp_path / "run"), "learning_rate=1"])
+
+
 def test_ddp_compare_on_cpu(tmp_path, monkeypatch):
     """ddp_compare: 1 and 2 processes (gloo) of the same recipe, both curves kept, equal, and a ratio of
     the typical step times."""

@@ -1,0 +1,71 @@
+"""Translation quality of one fine-tuned adapter under several decoding settings, in one run: chrF and
+character BLEU per direction on the eval split (settings chosen on the public test, as the seed did).
+
+    python benchmarks/decode_sweep.py params/study.yaml --run reports/study-gpu/01_finetune \
+        num_beams=4 repetition_penalty=1.1 "num_beams=4 repetition_penalty=1.1" --json out.json
+
+Each setting is a space-separated list of key=value changes of 01's decoding parameters (GenerateParams);
+the first row is always 01's own setting (greedy by default), so every ratio has its baseline in the
+same run. The adapter is `<run>/best_adapter` unless --adapter names another.
+"""
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project, run from anywhere
+from lib import data, generate, paramfile, params, prompts, quality, results, trainable  # noqa: E402
+
+
+def parse_setting(text: str) -> dict:
+    """'num_beams=4 repetition_penalty=1.1' -> {'num_beams': 4, 'repetition_penalty': 1.1}; only decoding keys."""
+    out = {}
+    for item in text.split():
+        k, sep, v = item.partition("=")
+        if not sep or k not in {f.name for f in dataclasses.fields(params.GenerateParams)}:
+            raise SystemExit(f"setting {text!r}: {item!r} is not key=value of a decoding parameter "
+                             f"({', '.join(f.name for f in dataclasses.fields(params.GenerateParams))})")
+        out[k] = yaml.safe_load(v)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("params")
+    ap.add_argument("--run", required=True, help="01's run folder (holds best_adapter/)")
+    ap.add_argument("--adapter", default="best_adapter")
+    ap.add_argument("--limit", type=int, default=0, help="the first N eval records (0 = all)")
+    ap.add_argument("--json")
+    ap.add_argument("settings", nargs="*")
+    a = ap.parse_intermixed_args(argv)
+    p = paramfile.load(a.params)["01_finetune"]
+    changes = [{}] + [parse_setting(s) for s in a.settings]
+    for c in changes:
+        dataclasses.replace(p, **c).check()  # a bad value fails before the model loads
+    records = data.load_split(p.data_dir, p.eval_split, limit=a.limit or None)
+    model, tok = trainable.load_adapted(p, Path(a.run) / a.adapter)
+    texts = [prompts.build(r["instruction"], p.template) for r in records]
+    rows, answers_by = [], {}
+    for c in changes:
+        g = dataclasses.replace(p, **c)
+        t = time.perf_counter()
+        answers = generate.generate(model, tok, texts, g, progress=False)
+        secs = time.perf_counter() - t
+        name = " ".join(f"{k}={v}" for k, v in c.items()) or "01's own"
+        scores = quality.by_direction(records, answers).to_dict("records")
+        rows += [{"setting": name, **c, **s, "generate_s": round(secs, 1)} for s in scores]
+        answers_by[name] = answers
+        whole = scores[0]  # direction "all"
+        print(f"{name:40s} chrF {whole['chrF']:.2f}  BLEU {whole['BLEU']:.2f}  ({secs:.0f} s)", flush=True)
+    if a.json:
+        doc = {"run": str(a.run), "adapter": a.adapter, "n": len(records), "rows": rows, "answers": answers_by,
+               "hardware": results.hardware(), "versions": results.versions(), "params": p.to_dict()}
+        Path(a.json).write_text(json.dumps(doc, indent=1, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()
