@@ -126,22 +126,10 @@ def swap_4bit(model, make, accept=lambda layer: True) -> int:
     n = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, bnb.nn.Linear4bit):
-                _unpack_cpu(child)
-                if accept(child):
-                    setattr(parent, name, make(child))
-                    n += 1
+            if isinstance(child, bnb.nn.Linear4bit) and accept(child):
+                setattr(parent, name, make(child))
+                n += 1
     return n
-
-
-def _unpack_cpu(layer):
-    """Back to the standard NF4 layout: on CPUs with AVX512-BF16, bitsandbytes repacks a layer's weight
-    for its CPU kernel at the first forward in eval mode (and marks the quant state so)."""
-    qs = getattr(layer.weight, "quant_state", None)
-    if getattr(qs, "packing_format_for_cpu", False):
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-        layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu_inverse(layer.weight.data, qs)
 
 
 def replace_4bit(model) -> int:
