@@ -286,7 +286,7 @@ def over_processes(a, argv) -> None:
     for n in counts:
         out = Path(a.work) / f"processes-{n}.json"
         out.unlink(missing_ok=True)
-        cmd = launch.accelerate_command(n, cpu=a.device == "cpu", port=29600 + n) + [__file__, *rest, "--json", str(out)]
+        cmd = launch.accelerate_command(n, cpu=a.device == "cpu") + [__file__, *rest, "--json", str(out)]
         rc = subprocess.run(cmd, env=launch.environment()).returncode
         result["runs"][n] = json.loads(out.read_text()) if out.exists() else {"error": f"exit {rc}"}
     one = {r["mode"]: r for r in result["runs"].get(counts[0], {}).get("rows", []) if "error" not in r}

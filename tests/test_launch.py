@@ -19,6 +19,8 @@ def test_launch_command_for_n_processes(tmp_path):
     assert cmd[-5:] == ["-m", "lib.train", "p.yaml", "--out", str(tmp_path)]
     assert "--cpu" in launch.command("p.yaml", tmp_path, 1, cpu=True)
     assert "--multi_gpu" not in launch.command("p.yaml", tmp_path, 1)
+    i = cmd.index("--main_process_port")
+    assert 1024 <= int(cmd[i + 1]) < 65536 and launch.command("p.yaml", tmp_path, 2, port=29511)[i + 1] == "29511"
     env = launch.environment()
     assert env["NCCL_NVLS_ENABLE"] == "0" and env["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1"
 
@@ -65,8 +67,8 @@ def test_two_process_cpu_run_is_the_one_process_run(tmp_path, capfd):
     """accelerate launch, 2 CPU processes (gloo), each accumulating 2 of the step's 4 micro-batches: the
     same records per step, the same gradients, the same curve as 1 process, evaluation sharded (7
     records: 4 + 3) and gathered back. A 2-process run killed after a checkpoint resumes to that curve."""
-    one = launch.run(_cfg(tmp_path, 1), tmp_path / "one", 1, cpu=True, port=29511)
-    two = launch.run(_cfg(tmp_path, 2), tmp_path / "two", 2, cpu=True, port=29512)
+    one = launch.run(_cfg(tmp_path, 1), tmp_path / "one", 1, cpu=True)
+    two = launch.run(_cfg(tmp_path, 2), tmp_path / "two", 2, cpu=True)
     s1 = json.loads((one / "summary.json").read_text())
     s2 = json.loads((two / "summary.json").read_text())
     assert (s1["num_processes"], s2["num_processes"]) == (1, 2)
@@ -85,11 +87,11 @@ def test_two_process_cpu_run_is_the_one_process_run(tmp_path, capfd):
     cut = tmp_path / "cut"
     cfg = paramfile.dump_train(paramfile.load(_cfg(tmp_path, 2))["01_finetune"], tmp_path / "cut.yaml")
     env = launch.environment() | {"CUDA_VISIBLE_DEVICES": ""}
-    rc = _kill_after(launch.command(cfg, cut, 2, cpu=True, port=29513), env,
+    rc = _kill_after(launch.command(cfg, cut, 2, cpu=True), env,
                      cut / "checkpoints" / "checkpoint-2" / runs.MARKER, cut)
     assert rc != 0 and not (cut / "summary.json").exists()
     capfd.readouterr()
-    launch.run(cfg, cut, 2, cpu=True, port=29514)
+    launch.run(cfg, cut, 2, cpu=True)
     assert "resuming from" in capfd.readouterr().out  # not a fresh start, which would give the same curve
     c3 = pd.read_csv(cut / "curve.csv")
     assert c3.step.tolist() == [0, 2, 4]
