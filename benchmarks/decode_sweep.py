@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project, run from anywhere
-from lib import data, generate, paramfile, params, prompts, quality, results, trainable  # noqa: E402
+from lib import data, generate, paramfile, params, quality, results, trainable  # noqa: E402
 
 
 def parse_setting(text: str) -> dict:
@@ -48,12 +48,11 @@ def main(argv=None):
         dataclasses.replace(p, **c).check()  # a bad value fails before the model loads
     records = data.load_split(p.data_dir, p.eval_split, limit=a.limit or None)
     model, tok = trainable.load_adapted(p, Path(a.run) / a.adapter)
-    texts = [prompts.build(r["instruction"], p.template) for r in records]
     rows, answers_by = [], {}
     for c in changes:
         g = dataclasses.replace(p, **c)
         t = time.perf_counter()
-        answers = generate.generate(model, tok, texts, g, progress=False)
+        answers = generate.translate(model, tok, records, g, progress=False)
         secs = time.perf_counter() - t
         name = " ".join(f"{k}={v}" for k, v in c.items()) or "01's own"
         scores = quality.by_direction(records, answers).to_dict("records")

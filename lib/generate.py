@@ -5,6 +5,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm  # the plain bar: tqdm.auto warns in kernels without ipywidgets
 
+from . import prompts
+
 
 def _left_pad(seqs, pad_id):
     width = max(map(len, seqs))
@@ -46,6 +48,11 @@ def generate(model, tok, prompts, g, progress=True) -> list[str]:
     if g.first_line_only:
         answers = [a.split("\n", 1)[0].strip() for a in answers]
     return answers
+
+
+def translate(model, tok, records, p, progress=True) -> list[str]:
+    """Answers to the records' instructions, each in p's prompt template without examples (p: GenerateParams + template)."""
+    return generate(model, tok, [prompts.build(r["instruction"], p.template) for r in records], p, progress)
 
 
 def write_predictions(path: Path, records, answers):

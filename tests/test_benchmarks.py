@@ -41,6 +41,48 @@ def test_decode_sweep_on_the_tiny_model(tmp_path):
         decode_sweep.main([str(cfg), "--run", str(tmp_path / "run"), "learning_rate=1"])
 
 
+def test_recipe_sweep_on_the_tiny_model(tmp_path):
+    """recipe_sweep: the baseline and two variants, each in its own process, two at once. The baseline's
+    curve is the one finetune() gives in this process; a variant changing only how evaluation is batched
+    has the same curve, one changing the learning rate another; a rerun reads every run back; chrF is
+    measured once; a key that is no recipe field stops it before anything trains."""
+    import recipe_sweep
+    import yaml
+
+    from lib import data, finetune, paramfile
+
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(yaml.safe_dump({"common": {"model": TINY, "eval_limit": 4, "eval_batch_size": 4}, "train": {
+        "micro_batch_size": 4, "grad_accum": 1, "max_steps": 2, "eval_steps": 1, "save_steps": 2, "logging_steps": 1},
+        "01_finetune": {"max_new_tokens": 4, "gen_batch_size": 4, "quality_limit": 3}}))
+    out = tmp_path / "sweep"
+    args = [str(cfg), "--out", str(out), "--parallel", "2", "--quality", "+train_limit=8",
+            "eval_batch_size=1", "learning_rate=0.05"]
+    recipe_sweep.main(args)
+    doc = json.loads((out / "recipe_sweep.json").read_text())
+    base, same, lr = doc["rows"]
+    assert [r["variant"] for r in doc["rows"]] == ["baseline", "eval_batch_size=1", "learning_rate=0.05"]
+    assert doc["exit_codes"] == {"baseline": 0, "eval_batch_size=1": 0, "learning_rate=0.05": 0}
+
+    p = paramfile.load(cfg)["01_finetune"]
+    direct = finetune.finetune(p, data.load_split(p.data_dir, "train", limit=8),
+                               data.load_split(p.data_dir, p.eval_split, limit=4), tmp_path / "direct").curve
+    ppl = lambda r: [c["eval_ppl"] for c in r["curve"]]  # noqa: E731
+    assert ppl(base) == pytest.approx(direct.eval_ppl.tolist(), rel=1e-5)
+    assert ppl(same) == pytest.approx(ppl(base), rel=1e-4)
+    assert ppl(lr)[0] == pytest.approx(ppl(base)[0], rel=1e-4)  # step 0: the same base model
+    assert abs(ppl(lr)[-1] / ppl(base)[-1] - 1) > 1e-3
+    assert len(base["quality"]) >= 2 and all(0 <= q["chrF"] <= 100 and q["n"] > 0 for q in base["quality"])
+    assert base["quality"][0]["n"] == 3  # quality_limit, as 01
+
+    stamps = {f: f.stat().st_mtime_ns for f in out.glob("*/*.json")}
+    recipe_sweep.main(args)  # everything read back: no run trains, no chrF generated again
+    assert {f: f.stat().st_mtime_ns for f in out.glob("*/*.json")} == stamps
+    assert "reusing the finished run" in (out / "baseline" / "train.log").read_text()
+    with pytest.raises(SystemExit, match="not key=value of the fine-tuning recipe"):
+        recipe_sweep.main([str(cfg), "--out", str(out), "num_beams=2"])
+
+
 def test_ddp_compare_on_cpu(tmp_path, monkeypatch):
     """ddp_compare: 1 and 2 processes (gloo) of the same recipe, both curves kept, equal, and a ratio of
     the typical step times."""

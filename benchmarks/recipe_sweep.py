@@ -1,0 +1,161 @@
+"""Variants of 01's fine-tuning recipe trained side by side on one GPU, then each best adapter's chrF:
+one table and one plot of learning curves, the params file's own recipe first (the baseline of every ratio).
+
+    python benchmarks/recipe_sweep.py params/study.yaml --out DIR [--parallel 4] [--quality] \
+        "+epochs=1 +lr_scheduler=cosine" "+epochs=1 +lr_scheduler=cosine +lora_alpha=64" ...
+
+Why side by side: a 1.5B model's training step leaves most of an H100 waiting on the host (one
+process reaches ~10% of the card's matmul rate), so several runs share the card at little cost each:
+four 625-step runs of qwen2.5-coder-1.5b together took a median 0.19 s per step each on one H100
+(benchmarks/results/2026-11-26-qwen1.5b-recipe-sweep-h100.json). Use it to choose a recipe on the
+public test, as the seed did.
+
+`+key=value` changes apply to every run (the baseline too); a quoted list of `key=value` is one variant.
+Each run is `python -m lib.train` in DIR/<variant>/ (its log in train.log there). Run the same command
+again to go on: a finished run is read back, an interrupted one resumes from its last checkpoint, and
+chrF already measured (DIR/<variant>/quality.json) is not generated again.
+Writes DIR/recipe_sweep.json and DIR/recipe_sweep.png.
+"""
+import argparse
+import dataclasses
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from lib import data, generate, paramfile, params, plots, quality, results, trainable  # noqa: E402
+
+TRAIN_KEYS = {f.name for f in dataclasses.fields(params.TrainParams)}
+
+
+def parse_changes(items) -> dict:
+    """['+lora_alpha=64', 'lr_scheduler=cosine'] -> {'lora_alpha': 64, 'lr_scheduler': 'cosine'}; recipe keys only."""
+    out = {}
+    for item in items:
+        k, sep, v = item.lstrip("+").partition("=")
+        if not sep or k not in TRAIN_KEYS:
+            raise SystemExit(f"{item!r} is not key=value of the fine-tuning recipe (TrainParams: "
+                             f"{', '.join(sorted(TRAIN_KEYS))})")
+        out[k] = yaml.safe_load(v)
+    return out
+
+
+def slug(changes: dict) -> str:
+    """The variant's folder name: its changes, readable ('baseline' for none)."""
+    text = "_".join(f"{k}={v}" for k, v in changes.items()) or "baseline"
+    return re.sub(r"[^A-Za-z0-9.=_-]+", "-", text)
+
+
+def train_all(jobs, parallel: int, poll_s: float = 2.0) -> dict:
+    """Run `python -m lib.train` for each (name, params file, folder), at most `parallel` at once.
+
+    Returns {name: exit code}. Ctrl-C stops every run (each resumes from its last checkpoint next time).
+    """
+    waiting, running, codes = list(jobs), {}, {}
+    try:
+        while waiting or running:
+            while waiting and len(running) < parallel:
+                name, cfg, folder = waiting.pop(0)
+                folder.mkdir(parents=True, exist_ok=True)
+                log = open(folder / "train.log", "ab")
+                cmd = [sys.executable, "-m", "lib.train", str(cfg), "--out", str(folder)]
+                running[name] = (subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log, time.time())
+                print(f"started  {name}", flush=True)
+            for name, (proc, log, t0) in list(running.items()):
+                if proc.poll() is not None:
+                    log.close()
+                    codes[name] = proc.returncode
+                    del running[name]
+                    print(f"finished {name}: exit {proc.returncode} after {time.time() - t0:.0f} s", flush=True)
+            time.sleep(poll_s)
+    finally:
+        for proc, log, _ in running.values():
+            proc.terminate()
+            proc.wait()
+            log.close()
+    return codes
+
+
+def adapter_quality(p, folder: Path, records) -> list[dict]:
+    """chrF/BLEU per direction of the best adapter's greedy answers (cached in folder/quality.json)."""
+    cache = folder / "quality.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    model, tok = trainable.load_adapted(p, folder / "best_adapter")
+    rows = quality.by_direction(records, generate.translate(model, tok, records, p, progress=False)).to_dict("records")
+    del model
+    results.atomic_write(cache, json.dumps(rows))
+    return rows
+
+
+def row(name: str, changes: dict, folder: Path) -> dict:
+    """One variant's summary and curve, read from its run folder (None values if it did not finish)."""
+    summary = folder / "summary.json"
+    if not summary.exists():
+        return {"variant": name, "changes": changes, "error": f"no summary: see {folder / 'train.log'}"}
+    s = json.loads(summary.read_text())
+    keep = ("best_ppl", "best_step", "best_bits_per_char", "final_ppl", "steps", "zero_shot_ppl", "median_s_per_step", "gpu")
+    return {"variant": name, "changes": changes, **{k: s.get(k) for k in keep},
+            "curve": pd.read_csv(folder / "curve.csv").to_dict(orient="records")}
+
+
+def table(rows) -> pd.DataFrame:
+    """The printed table: best point, bits per character, chrF, and the ratio to the baseline's mean ppl."""
+    done = [r for r in rows if "best_ppl" in r]
+    df = pd.DataFrame([{"variant": r["variant"], "best ppl": r["best_ppl"], "step": r["best_step"],
+                        "bits/char": r["best_bits_per_char"], "chrF": (r.get("quality") or [{}])[0].get("chrF"),
+                        "s/step": r["median_s_per_step"]} for r in done])
+    if len(df) and rows[0] in done:
+        df["ppl vs baseline"] = df["best ppl"] / rows[0]["best_ppl"]
+    return df
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("params")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--parallel", type=int, default=4, help="runs at once on the one GPU")
+    ap.add_argument("--quality", action="store_true", help="chrF/BLEU of each best adapter (01's decoding)")
+    ap.add_argument("args", nargs="*", help="+key=value for every run; a quoted 'key=value ...' per variant")
+    a = ap.parse_intermixed_args(argv)
+    common = parse_changes([x for x in a.args if x.startswith("+")])
+    variants = [{}] + [parse_changes(x.split()) for x in a.args if not x.startswith("+")]
+    p0 = paramfile.load(a.params)["01_finetune"]
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs, recipes = [], {}
+    for changes in variants:  # every recipe checked (types, ranges) before anything trains
+        name = slug(changes)
+        if name in recipes:
+            raise SystemExit(f"variant {name!r} is given twice")
+        recipes[name] = (changes, dataclasses.replace(p0, **{**common, **changes}))
+        jobs.append((name, paramfile.dump_train(recipes[name][1], out / f"{name}.yaml"), out / name))
+    codes = train_all(jobs, a.parallel)
+    rows = [row(name, changes, out / name) for name, (changes, _) in recipes.items()]
+    if a.quality:
+        records = data.load_split(p0.data_dir, p0.eval_split, limit=p0.eval_limit or None)
+        records = records[:p0.quality_limit] if p0.quality_limit else records  # as 01 does
+        for r in rows:
+            if "best_ppl" in r:
+                r["quality"] = adapter_quality(recipes[r["variant"]][1], out / r["variant"], records)
+    doc = {"params": p0.to_dict(), "common_changes": common, "exit_codes": codes, "rows": rows,
+           "git": results.git_state(), "hardware": results.hardware(), "versions": results.versions()}
+    (out / "recipe_sweep.json").write_text(json.dumps(doc, indent=1, default=str))
+    curves = [pd.DataFrame(r["curve"]).assign(variant=r["variant"]) for r in rows if "curve" in r]
+    if curves:
+        plots.save(plots.learning_curves(pd.concat(curves), hue="variant"), out / "recipe_sweep.png")
+    print(table(rows).round(3).to_string(index=False))
+    failed = [r["variant"] for r in rows if "error" in r]
+    if failed:
+        raise SystemExit(f"not finished: {failed} (rerun the same command to resume)")
+
+
+if __name__ == "__main__":
+    main()
