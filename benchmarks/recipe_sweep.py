@@ -2,13 +2,13 @@
 one table and one plot of learning curves, the params file's own recipe first (the baseline of every ratio).
 
     python benchmarks/recipe_sweep.py params/study.yaml --out DIR [--parallel 4] [--quality] \
-        "+epochs=1 +lr_scheduler=cosine" "+epochs=1 +lr_scheduler=cosine +lora_alpha=64" ...
+        +epochs=1 +eval_steps=125 "lr_scheduler=cosine" "lr_scheduler=cosine lora_alpha=64" ...
 
-Why side by side: a 1.5B model's training step leaves most of an H100 waiting on the host (one
-process reaches ~10% of the card's matmul rate), so several runs share the card at little cost each:
-four 625-step runs of qwen2.5-coder-1.5b together took a median 0.19 s per step each on one H100
-(benchmarks/results/2026-11-26-qwen1.5b-recipe-sweep-h100.json). Use it to choose a recipe on the
-public test, as the seed did.
+Why side by side: a small model's training step leaves the GPU waiting on the host most of the time
+(qwen2.5-coder-1.5b: 16 course records, ~1,700 tokens, in ~0.2 s is ~8.5k tokens/s, ~50 TFLOP/s at 6 GFLOP
+a token, under a tenth of an H100's bf16 matmul rate), so several runs share one card: four 625-step runs
+together took a median 0.16-0.20 s per optimizer step each on one H100
+(benchmarks/results/2026-11-26-qwen1.5b-recipe-sweep-h100.json). Choose settings on the public test, as the seed did.
 
 `+key=value` changes apply to every run (the baseline too); a quoted list of `key=value` is one variant.
 Each run is `python -m lib.train` in DIR/<variant>/ (its log in train.log there). Run the same command
