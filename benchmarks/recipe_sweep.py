@@ -53,12 +53,19 @@ def slug(changes: dict) -> str:
     return re.sub(r"[^A-Za-z0-9.=_-]+", "-", text)
 
 
-def train_all(jobs, parallel: int, poll_s: float = 2.0) -> dict:
+def last_eval(log: Path) -> str:
+    """The last 'step N: eval ppl X' line a run printed (its progress), or ''."""
+    lines = [x for x in log.read_text(errors="replace").splitlines() if ": eval ppl " in x] if log.exists() else []
+    return lines[-1].strip().lstrip("\r") if lines else ""
+
+
+def train_all(jobs, parallel: int, on_finish=lambda name: None, poll_s: float = 2.0, report_s: float = 60.0) -> dict:
     """Run `python -m lib.train` for each (name, params file, folder), at most `parallel` at once.
 
+    Every report_s seconds prints each running run's last evaluation; on_finish(name) after each run ends.
     Returns {name: exit code}. Ctrl-C stops every run (each resumes from its last checkpoint next time).
     """
-    waiting, running, codes = list(jobs), {}, {}
+    waiting, running, codes, reported = list(jobs), {}, {}, time.time()
     try:
         while waiting or running:
             while waiting and len(running) < parallel:
@@ -66,17 +73,22 @@ def train_all(jobs, parallel: int, poll_s: float = 2.0) -> dict:
                 folder.mkdir(parents=True, exist_ok=True)
                 log = open(folder / "train.log", "ab")
                 cmd = [sys.executable, "-m", "lib.train", str(cfg), "--out", str(folder)]
-                running[name] = (subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log, time.time())
+                running[name] = (subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log, time.time(), folder)
                 print(f"started  {name}", flush=True)
-            for name, (proc, log, t0) in list(running.items()):
+            for name, (proc, log, t0, _) in list(running.items()):
                 if proc.poll() is not None:
                     log.close()
                     codes[name] = proc.returncode
                     del running[name]
                     print(f"finished {name}: exit {proc.returncode} after {time.time() - t0:.0f} s", flush=True)
+                    on_finish(name)
+            if running and time.time() - reported >= report_s:
+                reported = time.time()
+                for name, (*_, folder) in running.items():
+                    print(f"  {name}: {last_eval(folder / 'train.log') or 'starting'}", flush=True)
             time.sleep(poll_s)
     finally:
-        for proc, log, _ in running.values():
+        for proc, log, _, _ in running.values():
             proc.terminate()
             proc.wait()
             log.close()
@@ -123,6 +135,7 @@ def main(argv=None):
     ap.add_argument("--out", required=True)
     ap.add_argument("--parallel", type=int, default=4, help="runs at once on the one GPU")
     ap.add_argument("--quality", action="store_true", help="chrF/BLEU of each best adapter (01's decoding)")
+    ap.add_argument("--report-s", type=float, default=60.0, help="seconds between progress lines")
     ap.add_argument("args", nargs="*", help="+key=value for every run; a quoted 'key=value ...' per variant")
     a = ap.parse_intermixed_args(argv)
     common = parse_changes([x for x in a.args if x.startswith("+")])
@@ -137,17 +150,23 @@ def main(argv=None):
             raise SystemExit(f"variant {name!r} is given twice")
         recipes[name] = (changes, dataclasses.replace(p0, **{**common, **changes}))
         jobs.append((name, paramfile.dump_train(recipes[name][1], out / f"{name}.yaml"), out / name))
-    codes = train_all(jobs, a.parallel)
-    rows = [row(name, changes, out / name) for name, (changes, _) in recipes.items()]
+    doc = {"params": p0.to_dict(), "common_changes": common, "exit_codes": {}, "rows": [],
+           "git": results.git_state(), "hardware": results.hardware(), "versions": results.versions()}
+
+    def save(name=None):  # after each run: a call cut short keeps what finished
+        doc["rows"] = [row(n, changes, out / n) for n, (changes, _) in recipes.items()]
+        results.atomic_write(out / "recipe_sweep.json", json.dumps(doc, indent=1, default=str))
+
+    doc["exit_codes"] = train_all(jobs, a.parallel, on_finish=save, report_s=a.report_s)
+    save()
+    rows = doc["rows"]
     if a.quality:
         records = data.load_split(p0.data_dir, p0.eval_split, limit=p0.eval_limit or None)
         records = records[:p0.quality_limit] if p0.quality_limit else records  # as 01 does
         for r in rows:
             if "best_ppl" in r:
                 r["quality"] = adapter_quality(recipes[r["variant"]][1], out / r["variant"], records)
-    doc = {"params": p0.to_dict(), "common_changes": common, "exit_codes": codes, "rows": rows,
-           "git": results.git_state(), "hardware": results.hardware(), "versions": results.versions()}
-    (out / "recipe_sweep.json").write_text(json.dumps(doc, indent=1, default=str))
+        results.atomic_write(out / "recipe_sweep.json", json.dumps(doc, indent=1, default=str))
     curves = [pd.DataFrame(r["curve"]).assign(variant=r["variant"]) for r in rows if "curve" in r]
     if curves:
         plots.save(plots.learning_curves(pd.concat(curves), hue="variant"), out / "recipe_sweep.png")

@@ -41,10 +41,11 @@ def test_decode_sweep_on_the_tiny_model(tmp_path):
         decode_sweep.main([str(cfg), "--run", str(tmp_path / "run"), "learning_rate=1"])
 
 
-def test_recipe_sweep_on_the_tiny_model(tmp_path):
-    """recipe_sweep: the baseline and two variants, each in its own process, two at once. The baseline's
+def test_recipe_sweep_on_the_tiny_model(tmp_path, capsys):
+    """recipe_sweep: the baseline and three variants, each in its own process, two at once. The baseline's
     curve is the one finetune() gives in this process; a variant changing only how evaluation is batched
-    has the same curve, one changing the learning rate another; a rerun reads every run back; chrF is
+    has the same curve, one changing the learning rate another; a variant that fails loses nothing of the
+    others (their rows are saved, the failure is named); a rerun reads every finished run back; chrF is
     measured once; a key that is no recipe field stops it before anything trains."""
     import recipe_sweep
     import yaml
@@ -56,13 +57,18 @@ def test_recipe_sweep_on_the_tiny_model(tmp_path):
         "micro_batch_size": 4, "grad_accum": 1, "max_steps": 2, "eval_steps": 1, "save_steps": 2, "logging_steps": 1},
         "01_finetune": {"max_new_tokens": 4, "gen_batch_size": 4, "quality_limit": 3}}))
     out = tmp_path / "sweep"
-    args = [str(cfg), "--out", str(out), "--parallel", "2", "--quality", "+train_limit=8",
-            "eval_batch_size=1", "learning_rate=0.05"]
-    recipe_sweep.main(args)
+    args = [str(cfg), "--out", str(out), "--parallel", "2", "--quality", "--report-s", "0", "+train_limit=8",
+            "eval_batch_size=1", "learning_rate=0.05", "target_modules=[no_such_proj]"]
+    with pytest.raises(SystemExit, match=r"not finished: \['target_modules=-no_such_proj-'\]"):
+        recipe_sweep.main(args)
+    assert "  baseline: " in capsys.readouterr().out  # progress lines while runs train
     doc = json.loads((out / "recipe_sweep.json").read_text())
-    base, same, lr = doc["rows"]
-    assert [r["variant"] for r in doc["rows"]] == ["baseline", "eval_batch_size=1", "learning_rate=0.05"]
-    assert doc["exit_codes"] == {"baseline": 0, "eval_batch_size=1": 0, "learning_rate=0.05": 0}
+    base, same, lr, bad = doc["rows"]
+    assert [r["variant"] for r in doc["rows"]] == ["baseline", "eval_batch_size=1", "learning_rate=0.05",
+                                                  "target_modules=-no_such_proj-"]
+    assert doc["exit_codes"] == {"baseline": 0, "eval_batch_size=1": 0, "learning_rate=0.05": 0,
+                                 "target_modules=-no_such_proj-": 1}
+    assert "error" in bad and "not found" in (out / bad["variant"] / "train.log").read_text()
 
     p = paramfile.load(cfg)["01_finetune"]
     direct = finetune.finetune(p, data.load_split(p.data_dir, "train", limit=8),
@@ -75,12 +81,23 @@ def test_recipe_sweep_on_the_tiny_model(tmp_path):
     assert len(base["quality"]) >= 2 and all(0 <= q["chrF"] <= 100 and q["n"] > 0 for q in base["quality"])
     assert base["quality"][0]["n"] == 3  # quality_limit, as 01
 
-    stamps = {f: f.stat().st_mtime_ns for f in out.glob("*/*.json")}
-    recipe_sweep.main(args)  # everything read back: no run trains, no chrF generated again
-    assert {f: f.stat().st_mtime_ns for f in out.glob("*/*.json")} == stamps
+    finished = lambda: {f: f.stat().st_mtime_ns for f in out.glob("*/*.json") if bad["variant"] not in str(f)}  # noqa: E731
+    stamps = finished()
+    with pytest.raises(SystemExit):
+        recipe_sweep.main(args)  # the finished runs read back: none trains, no chrF generated again
+    assert finished() == stamps and len(stamps) >= 9
     assert "reusing the finished run" in (out / "baseline" / "train.log").read_text()
     with pytest.raises(SystemExit, match="not key=value of the fine-tuning recipe"):
         recipe_sweep.main([str(cfg), "--out", str(out), "num_beams=2"])
+
+
+def test_last_eval_is_a_runs_latest_evaluation(tmp_path):
+    import recipe_sweep
+
+    log = tmp_path / "train.log"
+    assert recipe_sweep.last_eval(log) == ""
+    log.write_text("note: x\rstep 1: eval ppl 12.5\n10%|# | 1/10\n\rstep 2: eval ppl 11.25\nsaving\n")
+    assert recipe_sweep.last_eval(log) == "step 2: eval ppl 11.25"
 
 
 def test_ddp_compare_on_cpu(tmp_path, monkeypatch):
