@@ -7,18 +7,19 @@ from . import report
 def _ordering(res) -> str:
     h = report.headline(res)
     a = h[h.direction == "all"].set_index("method")
-    z, f, q = (a.loc[m, "mean_ppl"] for m in ("zero-shot", "few-shot", "QLoRA"))
+    ft = report.finetune_method(res)  # QLoRA as the seed, or LoRA on a 16-bit base
+    z, f, q = (a.loc[m, "mean_ppl"] for m in ("zero-shot", "few-shot", ft))
     holds = z > f > q
-    text = (f"**Zero-shot > few-shot > QLoRA?** Mean perplexity {z:.2f} → {f:.2f} → {q:.2f} "
+    text = (f"**Zero-shot > few-shot > {ft}?** Mean perplexity {z:.2f} → {f:.2f} → {q:.2f} "
             f"({a.loc['zero-shot', 'bits_per_char']:.2f} → {a.loc['few-shot', 'bits_per_char']:.2f} → "
-            f"{a.loc['QLoRA', 'bits_per_char']:.2f} bits per character): the seed's ordering "
+            f"{a.loc[ft, 'bits_per_char']:.2f} bits per character): the seed's ordering "
             f"{'holds' if holds else 'does not hold'} here.")
     if a["chrF"].notna().all():
         text += (f" On generated answers chrF goes {a.loc['zero-shot', 'chrF']:.1f} → {a.loc['few-shot', 'chrF']:.1f}"
-                 f" → {a.loc['QLoRA', 'chrF']:.1f}.")
-    seed = report.seed_bits_per_char(report.SEED_PPL["QLoRA"])
+                 f" → {a.loc[ft, 'chrF']:.1f}.")
+    seed = report.seed_bits_per_char(report.SEED_PPL["fine-tuned"])
     return text + (f" The seed's fine-tuned 7B model is at ≈ {seed:.2f} bits per character (an upper estimate); "
-                   f"this model is {'below' if a.loc['QLoRA', 'bits_per_char'] < seed else 'above'} it.")
+                   f"this model is {'below' if a.loc[ft, 'bits_per_char'] < seed else 'above'} it.")
 
 
 def _retrieval(res) -> str:

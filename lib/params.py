@@ -13,6 +13,11 @@ from .paramcheck import (ParamsError, check_types, choice as _choice, fraction a
 __all__ = ["ParamsError"]
 
 
+def method(quantization: str) -> str:
+    """What a recipe is called: LoRA on a 4-bit NF4 base is QLoRA, on a 16-bit base plain LoRA."""
+    return "QLoRA" if quantization == "nf4" else "LoRA"
+
+
 @dataclass
 class Common:
     """Parameters every notebook shares."""

@@ -5,14 +5,14 @@ from dataclasses import fields
 import pandas as pd
 
 from . import compare, resolve, results
-from .params import TRAIN_GROUPS, TrainParams
+from .params import TRAIN_GROUPS, TrainParams, method
 
-SECTIONS = {"01_finetune": "QLoRA fine-tuning", "02_zeroshot": "zero-shot prompts",
+SECTIONS = {"01_finetune": "fine-tuning", "02_zeroshot": "zero-shot prompts",
             "03_fewshot_sweep": "few-shot sweep", "04_plm_compare": "PLM comparison"}
 # The seed report (Taiwan-LLM-7B-v2.0-chat, public test) and its tokenizer's answer tokens per character
 # (../shared/CONVENTIONS.md): log2(mean ppl) x tokens/char is an upper estimate of its bits per character,
 # since the mean of per-example perplexities is at least exp of the mean NLL.
-SEED_PPL = {"zero-shot": 5.454, "few-shot": 4.687, "QLoRA": 3.324}
+SEED_PPL = {"zero-shot": 5.454, "few-shot": 4.687, "fine-tuned": 3.324}  # the seed fine-tuned with QLoRA
 SEED_TOKENS_PER_CHAR = 1.86
 DIRECTIONS = ("all", "classical", "modern")
 
@@ -87,8 +87,14 @@ def _chrf(scores: pd.DataFrame, setting_prefix: str) -> dict:
     return dict(zip(rows.direction, rows.chrF))
 
 
+def finetune_method(res) -> str:
+    """'QLoRA' or 'LoRA': how 01 fine-tuned (its base in 4-bit NF4 or in 16 bits)."""
+    return method(get(res, "01_finetune")[0]["provenance"]["params"].get("quantization", "nf4"))
+
+
 def headline(res) -> pd.DataFrame:
-    """Zero-shot / best few-shot / QLoRA per direction: mean ppl, bits per char, chrF; the seed beside."""
+    """Zero-shot / best few-shot / fine-tuned (QLoRA or LoRA) per direction: mean ppl, bits per char, chrF;
+    the seed beside."""
     zs = get(res, "02_zeroshot")[1]["per_example"]
     fs_doc, fs = get(res, "03_fewshot_sweep")
     ft_doc, ft = get(res, "01_finetune")
@@ -99,14 +105,16 @@ def headline(res) -> pd.DataFrame:
     suffix = {d: "" if d == "all" else f"_{d}" for d in DIRECTIONS}  # the curve's column per direction
     tuned = {d: (curve[f"eval_ppl{s}"], curve[f"eval_bits_per_char{s}"]) for d, s in suffix.items()
              if f"eval_ppl{s}" in curve}
-    rows = [("zero-shot", "course prompt", _by_direction(zs[zs.template == "course"]), _chrf(fs["quality"], "zero-shot")),
-            ("few-shot", f"{best['strategy']}, k={best['k']}", _by_direction(few), _chrf(fs["quality"], "few-shot")),
-            ("QLoRA", f"best adapter (step {ft_doc['summary']['best_step']})", tuned, _chrf(ft["quality"], "QLoRA"))]
+    rows = [("zero-shot", "zero-shot", "course prompt", _by_direction(zs[zs.template == "course"]),
+             _chrf(fs["quality"], "zero-shot")),
+            ("few-shot", "few-shot", f"{best['strategy']}, k={best['k']}", _by_direction(few), _chrf(fs["quality"], "few-shot")),
+            ("fine-tuned", finetune_method(res), f"best adapter (step {ft_doc['summary']['best_step']})", tuned,
+             _chrf(ft["quality"], ""))]  # 01's quality rows are all the fine-tuned model's
     out = []
-    for method, setting, values, chrf in rows:
+    for kind, name, setting, values, chrf in rows:
         for d, (ppl, bpc) in values.items():
-            seed = SEED_PPL[method] if d == "all" else None
-            out.append({"method": method, "setting": setting, "direction": d, "mean_ppl": ppl, "bits_per_char": bpc,
+            seed = SEED_PPL[kind] if d == "all" else None
+            out.append({"method": name, "setting": setting, "direction": d, "mean_ppl": ppl, "bits_per_char": bpc,
                         "chrF": chrf.get(d), "seed_7b_mean_ppl": seed,
                         "seed_7b_bits_per_char_upper": seed_bits_per_char(seed) if seed else None})
     return pd.DataFrame(out)
@@ -121,7 +129,7 @@ def quality(res) -> pd.DataFrame:
 def examples(res) -> pd.DataFrame:
     """The same public-test records answered zero-shot, few-shot and by the fine-tuned model."""
     fs = get(res, "03_fewshot_sweep")[1]["examples"]
-    ft = get(res, "01_finetune")[1]["examples"][["instruction", "output"]].rename(columns={"output": "QLoRA"})
+    ft = get(res, "01_finetune")[1]["examples"][["instruction", "output"]].rename(columns={"output": finetune_method(res)})
     return fs.merge(ft, on="instruction")  # the records both notebooks showed
 
 

@@ -51,3 +51,31 @@ def test_seed_bits_per_char_conversion():
     """CONVENTIONS.md: log2(mean ppl) x 1.86 tokens per character: 5.454 -> 4.55, 3.324 -> 3.22."""
     assert report.seed_bits_per_char(5.454) == pytest.approx(4.55, abs=0.005)
     assert report.seed_bits_per_char(3.324) == pytest.approx(3.22, abs=0.005)
+
+
+def test_a_lora_run_is_reported_as_lora(tmp_path):
+    """01 run on a 16-bit base (quantization: none) is LoRA, not QLoRA, in the headline, the examples and the
+    discussion, and is still set beside the seed's fine-tuned 7B number (3.324)."""
+    import json
+    import shutil
+
+    from lib import discussion
+
+    if not PUBLISHED:
+        pytest.skip("no published study")
+    folder = shutil.copytree(PUBLISHED[0], tmp_path / "study")
+    before = report.headline(report.load_all(folder))
+    assert before.method.unique().tolist() == ["zero-shot", "few-shot", "QLoRA"]  # the published run: NF4
+    doc_path = folder / "01_finetune" / "results.json"
+    doc = json.loads(doc_path.read_text())
+    doc["provenance"]["params"]["quantization"] = "none"
+    doc_path.write_text(json.dumps(doc))
+    res = report.load_all(folder)
+    h = report.headline(res)
+    assert h.method.unique().tolist() == ["zero-shot", "few-shot", "LoRA"]
+    row = h[(h.method == "LoRA") & (h.direction == "all")].iloc[0]
+    assert row.seed_7b_mean_ppl == 3.324
+    assert row.mean_ppl == pytest.approx(pd.read_csv(folder / "01_finetune" / "curve.csv").eval_ppl.min())
+    assert row.chrF == pytest.approx(pd.read_csv(folder / "01_finetune" / "quality.csv").set_index("direction").chrF["all"])
+    assert "LoRA" in report.examples(res).columns
+    assert "**Zero-shot > few-shot > LoRA?**" in discussion.text(res)
