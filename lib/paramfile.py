@@ -2,6 +2,11 @@
 
 Sections: `common` (every notebook), `train` (the fine-tuning recipe, read by 01 and 04 alike, so it
 is written once), then one per notebook, each overriding the one before it key by key.
+
+`base: other.yaml` (a path relative to the file) makes a file a variant of another: the base is merged
+first, then this file's keys, section by section (as peft's method_comparison does with default params
+and per-experiment overrides), so a variant states only what it changes. A notebook section, of the base
+or the variant, still overrides `train` for that notebook (study.yaml's 04 epochs stay 04's).
 """
 import inspect
 import re
@@ -55,11 +60,13 @@ def read_yaml(path: Path, allow_empty=False) -> dict:
     data = data or {}
     if not isinstance(data, dict):
         raise ParamsError(f"{path}: expected a mapping of sections")
-    bad = sorted(set(data) - set(SECTIONS))
+    bad = sorted(set(data) - set(SECTIONS) - {"base"})
     if bad:
         raise ParamsError(f"{path}: unknown section(s) {bad}; expected {list(SECTIONS)}")
+    if "base" in data and not isinstance(data["base"], str):
+        raise ParamsError(f"{path}: 'base' must be a params file's path (relative to {Path(path).parent})")
     for k, v in data.items():
-        if not isinstance(v, dict):
+        if k != "base" and not isinstance(v, dict):
             raise ParamsError(f"{path}: section {k!r} must be a mapping")
     return data
 
@@ -70,6 +77,21 @@ def _check_section(path, name, values, cls):
         raise ParamsError(f"{path}: unknown {name} parameter(s) {unknown}")
 
 
+def _chain(path) -> list[dict]:
+    """The sections of path and of its bases, the farthest base first (default.yaml is merged before all)."""
+    chain, seen = [], []
+    while path is not None and resolve(path) != DEFAULT_FILE:
+        path = resolve(path)
+        if path in seen:
+            raise ParamsError(f"{seen[0]}: its bases loop: {' -> '.join(map(str, seen + [path]))}")
+        seen.append(path)
+        data = read_yaml(path)
+        base = data.pop("base", None)
+        chain.insert(0, data)
+        path = (path.parent / base) if base is not None else None
+    return chain
+
+
 def load(path=None) -> dict:
     """{notebook: params object} for a params file merged over params/default.yaml.
 
@@ -77,8 +99,8 @@ def load(path=None) -> dict:
     section; the experiment file overrides the default file key by key within each section.
     """
     merged = {k: dict(v) for k, v in read_yaml(DEFAULT_FILE).items()}
-    if path is not None and resolve(path) != DEFAULT_FILE:
-        for k, v in read_yaml(resolve(path)).items():
+    for data in _chain(path):
+        for k, v in data.items():
             merged.setdefault(k, {}).update(v)
     where = path or DEFAULT_FILE
     common, train = merged.get("common", {}), merged.get("train", {})

@@ -16,13 +16,18 @@ def test_every_params_file_validates(path):
     loaded = paramfile.load(path)
     assert set(loaded) == set(params.NOTEBOOKS)
     raw = yaml.load(path.read_text(), Loader=paramfile._Loader)
+    raw.pop("base", None)
+    sections = {}  # the file's sections over its bases' (a base's notebook section still overrides train)
+    for data in paramfile._chain(path):
+        for k, v in data.items():
+            sections.setdefault(k, {}).update(v)
     train_nbs = [nb for nb, cls in params.NOTEBOOKS.items() if issubclass(cls, params.TrainParams)]
     for section, values in raw.items():  # every key written in the file reaches its notebook(s)
         targets = {"common": list(params.NOTEBOOKS), "train": train_nbs}.get(section, [section])
         for nb in targets:
             for k, v in values.items():
-                later = raw.get(nb, {}) if section != nb else {}
-                if hasattr(loaded[nb], k) and k not in later and not (section == "common" and k in raw.get("train", {})):
+                later = sections.get(nb, {}) if section != nb else {}
+                if hasattr(loaded[nb], k) and k not in later and not (section == "common" and k in sections.get("train", {})):
                     assert getattr(loaded[nb], k) == v, (nb, k)
 
 
@@ -34,6 +39,30 @@ def test_each_setting_is_written_once_per_file():
         for nb in params.NOTEBOOKS:
             repeated = [k for k, v in raw.get(nb, {}).items() if k in shared and shared[k] == v]
             assert not repeated, (path.name, nb, repeated)
+
+
+def test_a_variant_file_states_only_what_it_changes(tmp_path):
+    """`base:` merges the base file (and its own base) before the variant, key by key, over default.yaml;
+    a loop of bases, a missing base or a base that is no path is one error naming the file."""
+    (tmp_path / "a.yaml").write_text("common:\n  eval_limit: 7\ntrain:\n  lora_r: 8\n  learning_rate: 1e-4\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.yaml").write_text("base: ../a.yaml\ntrain:\n  lora_r: 16\n")
+    (tmp_path / "sub" / "c.yaml").write_text("base: b.yaml\n01_finetune:\n  max_new_tokens: 9\n")
+    p = paramfile.load(tmp_path / "sub" / "c.yaml")["01_finetune"]
+    default = paramfile.load()["01_finetune"]
+    assert (p.eval_limit, p.lora_r, p.learning_rate, p.max_new_tokens) == (7, 16, 1e-4, 9)
+    assert (p.max_steps, p.model) == (default.max_steps, default.model)  # untouched keys: default.yaml's
+    assert paramfile.load(tmp_path / "sub" / "b.yaml")["01_finetune"].max_new_tokens == default.max_new_tokens
+    (tmp_path / "x.yaml").write_text("base: y.yaml\ntrain:\n  lora_r: 4\n")
+    (tmp_path / "y.yaml").write_text("base: x.yaml\n")
+    with pytest.raises(params.ParamsError, match="bases loop"):
+        paramfile.load(tmp_path / "x.yaml")
+    (tmp_path / "y.yaml").write_text("base: nope.yaml\n")
+    with pytest.raises(params.ParamsError, match="nope.yaml: params file not found"):
+        paramfile.load(tmp_path / "x.yaml")
+    (tmp_path / "y.yaml").write_text("base: [a.yaml]\n")
+    with pytest.raises(params.ParamsError, match="'base' must be a params file's path"):
+        paramfile.load(tmp_path / "x.yaml")
 
 
 def test_train_section_reaches_01_and_04_alike(tmp_path):
