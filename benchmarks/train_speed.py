@@ -13,17 +13,41 @@ and memory of QLoRA do not depend on the weight values.
 
     python benchmarks/train_speed.py --config gemma3-270m.json --tokenizer tok/ --data-dir data/raw
 
+Two other trainers, each with its own best settings, for issue 17 (written against liger-kernel 0.8.5
+and unsloth 2026.10.9; NOT YET RUN on a GPU as of 2026-11-26, expect to debug them once):
+`liger` = the project's speed settings with the model's own loss, the model patched by Liger-Kernel
+(fused RMSNorm, SwiGLU, RoPE and the linear + cross-entropy loss that never builds the logits);
+`unsloth` = unsloth's FastLanguageModel (its NF4 loading, LoRA and "unsloth" gradient checkpointing),
+bf16, padded batches, the model's own (fused) loss. unsloth patches transformers when imported, so its
+modes need an invocation of their own: run `--modes unsloth` and `--modes baseline,project,liger` in the
+same call on the same machine.
+
 --processes 1,2 runs every mode on 1 and on 2 GPUs of this host (accelerate launch, one process per
 GPU; --grad-accum is the total, split across the processes, so the effective batch is the same) and
 prints the tokens/s of N GPUs over 1 GPU, mode by mode.
 """
+import sys
+
+
+def modes_arg(argv) -> str:
+    """--modes' value, read before anything imports transformers."""
+    for i, x in enumerate(argv):
+        if x == "--modes" and i + 1 < len(argv):
+            return argv[i + 1]
+        if x.startswith("--modes="):
+            return x.split("=", 1)[1]
+    return ""
+
+
+if "unsloth" in modes_arg(sys.argv):
+    import unsloth  # noqa: F401  before transformers and peft, which it patches (its modes run alone)
+
 import argparse
 import gc
 import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -39,6 +63,16 @@ BASELINE = dict(compute_dtype="float32", answer_loss=False, group_by_length=Fals
                 gradient_checkpointing=True, keep_frozen_dtype=False, cache_dequantized=False, compile=False,
                 optim="adamw_torch")
 SPEED_KEYS = tuple(BASELINE)  # what a mode sets; the rest of TrainParams is the same in every mode
+# unsloth's own recommendations: bf16, its checkpointing, padded batches (its loss is fused already)
+UNSLOTH = dict(BASELINE, compute_dtype="bfloat16", keep_frozen_dtype=True, optim="adamw_torch_fused")
+TRAINERS = ("baseline", "project", "liger", "unsloth")
+
+
+def base_settings(name: str, project: dict) -> dict:
+    """The settings a trainer starts from: the seed's naive recipe, the project's, Liger on the project's
+    (the model's own loss, which Liger fuses), or unsloth's."""
+    return {"baseline": BASELINE, "project": project, "liger": dict(project, answer_loss=False),
+            "unsloth": UNSLOTH}[name]
 
 
 def sync():
@@ -164,6 +198,28 @@ def random_model(config: str, folder: Path) -> Path:
     return folder
 
 
+def liger_patched(model, on: bool):
+    """The model with Liger-Kernel's kernels swapped in (what HF's use_liger_kernel=True does), if on."""
+    if on:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        _apply_liger_kernel_to_instance(model=model)
+    return model
+
+
+def unsloth_model(model_dir: Path, tok, p, a):
+    """unsloth's 4-bit model with its LoRA on the same projections, rank and alpha."""
+    from unsloth import FastLanguageModel
+
+    if not (Path(model_dir) / "tokenizer_config.json").exists():
+        tok.save_pretrained(model_dir)  # unsloth loads the tokenizer from the model's folder
+    model, _ = FastLanguageModel.from_pretrained(model_name=str(model_dir), max_seq_length=a.max_length,
+                                                 dtype=torch.bfloat16, load_in_4bit=True)
+    return FastLanguageModel.get_peft_model(
+        model, r=p.lora_r, lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout, target_modules=list(p.target_modules),
+        bias="none", use_gradient_checkpointing="unsloth" if p.gradient_checkpointing else False, random_state=p.seed)
+
+
 def features(tok, a):
     recs = data.load_split(a.data_dir, "train", limit=None if a.longest else a.records)
     feats, cut, _ = collate.encode_examples(tok, recs, "course", a.max_length)
@@ -179,11 +235,11 @@ def features(tok, a):
 
 
 def mode_settings(mode: str, project: dict) -> dict:
-    """'name+key=value+...' -> TrainParams overrides; name is baseline or project."""
+    """'name+key=value+...' -> TrainParams overrides; name is one of TRAINERS."""
     name, *changes = mode.split("+")
-    if name not in ("baseline", "project"):
-        raise SystemExit(f"mode {mode!r}: must start with baseline or project")
-    out = dict(BASELINE if name == "baseline" else project)
+    if name not in TRAINERS:
+        raise SystemExit(f"mode {mode!r}: must start with one of {', '.join(TRAINERS)}")
+    out = dict(base_settings(name, project))
     for c in changes:
         k, _, v = c.partition("=")
         if k not in params.TrainParams.__dataclass_fields__:
@@ -204,13 +260,17 @@ def run(mode, settings, model_dir, feats, tok, a, spy_file=None):
         torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
     t_load = time.perf_counter()
-    model = trainable.add_lora(models.load_model(p.model, "nf4", p.compute_dtype, a.device), p)
+    trainer_name = mode.split("+")[0]
+    model = unsloth_model(model_dir, tok, p, a) if trainer_name == "unsloth" else trainable.add_lora(
+        liger_patched(models.load_model(p.model, "nf4", p.compute_dtype, a.device), trainer_name == "liger"), p)
     t_load = time.perf_counter() - t_load
     collator = Counting(collate.collator(p, tok))
     clock = Clock(collator, a.warmup, a.steps, a.profile, a.memory_trace, spy_file)
     out = Path(a.work) / "run"
     args = training_args(p, out, len(feats))
     args.save_strategy, args.disable_tqdm = "no", True
+    if trainer_name == "unsloth":
+        args.gradient_checkpointing = False  # unsloth's own checkpointing is in the model already
     cls = AnswerLossTrainer if p.answer_loss else Trainer
     trainer = cls(model=model, args=args, train_dataset=feats, data_collator=collator, callbacks=[clock])
     trainer.remove_callback(PrinterCallback)  # a line per step and mode drowns the table
@@ -357,6 +417,10 @@ def main():
     ap.add_argument("--json", help="write the result (loss curves included) here, after every mode")
     ap.add_argument("--processes", help="e.g. 1,2: every mode on 1 and on 2 GPUs, and the ratio")
     a = ap.parse_args()
+    names = {m.split("+")[0] for m in a.modes.split(",")}
+    if "unsloth" in names and len(names) > 1:
+        raise SystemExit("unsloth patches transformers for the whole process: give its modes an invocation "
+                         "of their own (--modes unsloth), the others another, in the same call")
     if a.processes and world_size() == 1 and "LOCAL_RANK" not in os.environ:
         return over_processes(a, sys.argv[1:])
     main_process = int(os.environ.get("RANK", 0)) == 0

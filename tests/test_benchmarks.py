@@ -164,6 +164,51 @@ def test_mode_settings_reject_unknown_keys():
     with pytest.raises(SystemExit, match="not a TrainParams field"):
         train_speed.mode_settings("project+nope=1", {})
     assert train_speed.mode_settings("baseline+compile=true", {})["compile"] is True
+    with pytest.raises(SystemExit, match="must start with one of baseline, project, liger, unsloth"):
+        train_speed.mode_settings("plain", {})
+
+
+def test_other_trainers_start_from_their_own_settings():
+    """liger: the project's settings with the model's own loss (Liger fuses it); unsloth: bf16, its
+    checkpointing, padded batches; --modes is read before transformers is imported (unsloth must come first)."""
+    project = {**train_speed.BASELINE, "compute_dtype": "bfloat16", "answer_loss": True, "packing": True}
+    liger = train_speed.mode_settings("liger", project)
+    assert liger == {**project, "answer_loss": False}
+    uns = train_speed.mode_settings("unsloth+packing=true", project)
+    assert (uns["compute_dtype"], uns["gradient_checkpointing"], uns["answer_loss"], uns["packing"]) == (
+        "bfloat16", True, False, True)
+    assert train_speed.modes_arg(["x.py", "--modes", "unsloth"]) == "unsloth"
+    assert train_speed.modes_arg(["x.py", "--modes=liger,project", "--steps", "3"]) == "liger,project"
+    assert train_speed.modes_arg(["x.py"]) == ""
+
+
+def test_liger_mode_patches_the_base_model_and_trains_with_its_own_loss(tmp_path, monkeypatch):
+    """Liger-Kernel needs a GPU (Triton), so a stand-in module records what it is given: the 4-bit base
+    model before LoRA wraps it, once; with the kernels left out, the model's own loss is the project's
+    answer-only loss on the same batches."""
+    import types
+
+    patched = []
+    fake = types.ModuleType("liger_kernel.transformers")
+    fake._apply_liger_kernel_to_instance = lambda model: patched.append(type(model).__name__)
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", fake)
+    out = tmp_path / "r.json"
+    monkeypatch.setattr(sys, "argv", [
+        "train_speed.py", "--model", TINY, "--data-dir", "data/sample", "--records", "16",
+        "--micro-batch", "4", "--steps", "3", "--warmup", "1", "--device", "cpu", "--params", "params/default.yaml",
+        "--work", str(tmp_path / "w"), "--json", str(out), "--modes", "project,liger"])
+    train_speed.main()
+    rows = json.loads(out.read_text())["rows"]
+    assert patched == ["LlamaForCausalLM"]  # the base, not peft's wrapper; only in the liger mode
+    assert rows[1]["settings"]["answer_loss"] is False and rows[0]["settings"]["answer_loss"] is True
+    assert rows[1]["losses"] == pytest.approx(rows[0]["losses"], rel=1e-4)
+
+
+def test_unsloth_runs_in_an_invocation_of_its_own(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["train_speed.py", "--modes", "project,unsloth"])
+    with pytest.raises(SystemExit, match="unsloth patches transformers"):
+        train_speed.main()
 
 
 def test_memtrace_finds_the_peak_and_what_is_alive_then():
