@@ -14,7 +14,7 @@ together took a median 0.16-0.20 s per optimizer step each on one H100
 Each run is `python -m lib.train` in DIR/<variant>/ (its log in train.log there). Run the same command
 again to go on: a finished run is read back, an interrupted one resumes from its last checkpoint, and
 chrF already measured (DIR/<variant>/quality.json) is not generated again.
-Writes DIR/recipe_sweep.json and DIR/recipe_sweep.png.
+Writes DIR/recipe_sweep.json and DIR/recipe_sweep.png; `--markdown DIR/recipe_sweep.json` prints its table.
 """
 import argparse
 import dataclasses
@@ -129,15 +129,40 @@ def table(rows) -> pd.DataFrame:
     return df
 
 
+SILENT = {"cache_dequantized"}  # follows from quantization: none (no 4-bit layers to cache); left out of labels
+
+
+def label(changes: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in changes.items() if k not in SILENT) or "the params file's recipe"
+
+
+def markdown(doc: dict) -> str:
+    """The sweep as a markdown table (the README quotes it from the committed JSON with this function)."""
+    lines = ["| changes to the recipe | best mean ppl (step) | bits/char | chrF | last mean ppl |", "|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        if "best_ppl" not in r:
+            lines.append(f"| {label(r['changes'])} | not finished | | | |")
+            continue
+        chrf = next((q["chrF"] for q in r.get("quality") or [] if q["direction"] == "all"), None)
+        lines.append(f"| {label(r['changes'])} | {r['best_ppl']:.2f} ({r['best_step']}) | {r['best_bits_per_char']:.3f} "
+                     f"| {'' if chrf is None else f'{chrf:.1f}'} | {r['curve'][-1]['eval_ppl']:.2f} ({r['curve'][-1]['step']}) |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("params")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("params", nargs="?")
+    ap.add_argument("--out")
     ap.add_argument("--parallel", type=int, default=4, help="runs at once on the one GPU")
     ap.add_argument("--quality", action="store_true", help="chrF/BLEU of each best adapter (01's decoding)")
     ap.add_argument("--report-s", type=float, default=60.0, help="seconds between progress lines")
+    ap.add_argument("--markdown", metavar="JSON", help="print a finished sweep's table as markdown, and stop")
     ap.add_argument("args", nargs="*", help="+key=value for every run; a quoted 'key=value ...' per variant")
     a = ap.parse_intermixed_args(argv)
+    if a.markdown:
+        return print(markdown(json.loads(Path(a.markdown).read_text())))
+    if not (a.params and a.out):
+        ap.error("a params file and --out are needed to run a sweep")
     common = parse_changes([x for x in a.args if x.startswith("+")])
     variants = [{}] + [parse_changes(x.split()) for x in a.args if not x.startswith("+")]
     p0 = paramfile.load(a.params)["01_finetune"]

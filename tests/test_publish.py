@@ -79,3 +79,19 @@ def test_a_lora_run_is_reported_as_lora(tmp_path):
     assert row.chrF == pytest.approx(pd.read_csv(folder / "01_finetune" / "quality.csv").set_index("direction").chrF["all"])
     assert "LoRA" in report.examples(res).columns
     assert "**Zero-shot > few-shot > LoRA?**" in discussion.text(res)
+
+
+def test_readme_sweep_table_is_the_committed_sweep():
+    """The README's recipe-sweep table is what the committed JSON says (printed by recipe_sweep --markdown)."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import recipe_sweep
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = readme.split("<!-- sweep:start -->", 1)[1].split("<!-- sweep:end -->", 1)[0].strip()
+    doc = json.loads((ROOT / "benchmarks/results/2026-11-26-qwen1.5b-recipe-sweep-h100.json").read_text())
+    assert block == recipe_sweep.markdown(doc)
+    best = min((r for r in doc["rows"]), key=lambda r: r["best_ppl"])
+    assert f"| {best['best_ppl']:.2f} ({best['best_step']}) |" in block and best["changes"]["lora_alpha"] == 64
