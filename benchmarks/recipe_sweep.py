@@ -8,13 +8,15 @@ Why side by side: a small model's training step leaves the GPU waiting on the ho
 (qwen2.5-coder-1.5b: 16 course records, ~1,700 tokens, in ~0.2 s is ~8.5k tokens/s, ~50 TFLOP/s at 6 GFLOP
 a token, under a tenth of an H100's bf16 matmul rate), so several runs share one card: four 625-step runs
 together took a median 0.16-0.20 s per optimizer step each on one H100
-(benchmarks/results/2026-11-26-qwen1.5b-recipe-sweep-h100.json). Choose settings on the public test, as the seed did.
+(reports/course-H200/recipe_sweep/recipe_sweep.json). Choose settings on the public test, as the seed did.
 
 `+key=value` changes apply to every run (the baseline too); a quoted list of `key=value` is one variant.
 Each run is `python -m lib.train` in DIR/<variant>/ (its log in train.log there). Run the same command
 again to go on: a finished run is read back, an interrupted one resumes from its last checkpoint, and
 chrF already measured (DIR/<variant>/quality.json) is not generated again.
 Writes DIR/recipe_sweep.json and DIR/recipe_sweep.png; `--markdown DIR/recipe_sweep.json` prints its table.
+With --out <a study's run folder>/recipe_sweep, 05_report shows the sweep as a section, and
+`lib.publish` publishes it with the study.
 """
 import argparse
 import dataclasses
@@ -30,7 +32,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from lib import data, generate, paramfile, params, plots, quality, results, trainable  # noqa: E402
+from lib import data, generate, paramfile, params, plots, quality, report, results, trainable  # noqa: E402
 
 TRAIN_KEYS = {f.name for f in dataclasses.fields(params.TrainParams)}
 
@@ -129,23 +131,16 @@ def table(rows) -> pd.DataFrame:
     return df
 
 
-SILENT = {"cache_dequantized"}  # follows from quantization: none (no 4-bit layers to cache); left out of labels
-
-
-def label(changes: dict) -> str:
-    return ", ".join(f"{k} {v}" for k, v in changes.items() if k not in SILENT) or "the params file's recipe"
-
-
 def markdown(doc: dict) -> str:
     """The sweep as a markdown table (the README quotes it from the committed JSON with this function)."""
     lines = ["| changes to the recipe | best mean ppl (step) | bits/char | chrF | last mean ppl |", "|---|---|---|---|---|"]
-    for r in doc["rows"]:
-        if "best_ppl" not in r:
-            lines.append(f"| {label(r['changes'])} | not finished | | | |")
+    for r in report.sweep_table(doc).itertuples(index=False):
+        if r.best_ppl != r.best_ppl or r.best_ppl is None:  # NaN: the run did not finish
+            lines.append(f"| {r.changes} | not finished | | | |")
             continue
-        chrf = next((q["chrF"] for q in r.get("quality") or [] if q["direction"] == "all"), None)
-        lines.append(f"| {label(r['changes'])} | {r['best_ppl']:.2f} ({r['best_step']}) | {r['best_bits_per_char']:.3f} "
-                     f"| {'' if chrf is None else f'{chrf:.1f}'} | {r['curve'][-1]['eval_ppl']:.2f} ({r['curve'][-1]['step']}) |")
+        chrf = "" if r.chrF is None or r.chrF != r.chrF else f"{r.chrF:.1f}"
+        lines.append(f"| {r.changes} | {r.best_ppl:.2f} ({r.best_step:.0f}) | {r.best_bits_per_char:.3f} | {chrf} "
+                     f"| {r.last_ppl:.2f} ({r.last_step:.0f}) |")
     return "\n".join(lines)
 
 
@@ -192,9 +187,8 @@ def main(argv=None):
             if "best_ppl" in r:
                 r["quality"] = adapter_quality(recipes[r["variant"]][1], out / r["variant"], records)
         results.atomic_write(out / "recipe_sweep.json", json.dumps(doc, indent=1, default=str))
-    curves = [pd.DataFrame(r["curve"]).assign(variant=r["variant"]) for r in rows if "curve" in r]
-    if curves:
-        plots.save(plots.learning_curves(pd.concat(curves), hue="variant"), out / "recipe_sweep.png")
+    if any("curve" in r for r in rows):
+        plots.save(plots.sweep_lines(report.sweep_curves(doc)), out / "recipe_sweep.png")
     print(table(rows).round(3).to_string(index=False))
     failed = [r["variant"] for r in rows if "error" in r]
     if failed:

@@ -33,6 +33,20 @@ def learning_curves(curve, hue="model", y="eval_ppl"):
     return fig
 
 
+def sweep_lines(curves):
+    """Learning curves of a recipe sweep after their first evaluation (step 0, the untrained model, is far
+    above and would flatten them), the legend below the axes (variant names are long)."""
+    trained = curves[curves.step > 0]
+    fig, ax = plt.subplots(figsize=(8, 4 + 0.25 * trained.variant.nunique()))
+    sns.lineplot(data=trained, x="step", y="eval_ppl", hue="variant", marker="o", ax=ax)
+    ax.set_ylabel(LABELS["eval_ppl"])
+    ax.set_xlabel("optimizer step")
+    sns.move_legend(ax, "upper left", bbox_to_anchor=(0, -0.15), frameon=False, title=None)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
 def fewshot_lines(df):
     """Mean perplexity vs number of in-context examples per strategy (error bars: spread over seeds)."""
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -1,4 +1,5 @@
 """05_report: tables, figures and the discussion from the saved results of 01-04 (never recomputed)."""
+import json
 import math
 from dataclasses import fields
 
@@ -148,6 +149,46 @@ def _fewshot_bits(res) -> dict:
 
 def ladder(res) -> pd.DataFrame:
     return compare.ladder(get(res, "04_plm_compare")[1]["summary"], _fewshot_bits(res))
+
+
+SWEEP = "recipe_sweep/recipe_sweep.json"  # where benchmarks/recipe_sweep.py --out <run folder>/recipe_sweep writes
+SILENT = {"cache_dequantized"}  # follows from quantization: none (no 4-bit layers to cache); left out of labels
+
+
+def load_sweep(run_dir) -> dict | None:
+    """A recipe sweep run beside the study (benchmarks/recipe_sweep.py), if the run folder has one."""
+    path = resolve(run_dir) / SWEEP
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def sweep_label(changes: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in changes.items() if k not in SILENT) or "the params file's recipe"
+
+
+def sweep_table(doc: dict) -> pd.DataFrame:
+    """One row a variant: its changes, best and last public-test mean ppl, bits per char, chrF (all directions)."""
+    rows = []
+    for r in doc["rows"]:
+        done = "best_ppl" in r
+        chrf = next((q["chrF"] for q in r.get("quality") or [] if q["direction"] == "all"), None)
+        rows.append({"changes": sweep_label(r["changes"]), "best_ppl": r.get("best_ppl"), "best_step": r.get("best_step"),
+                     "best_bits_per_char": r.get("best_bits_per_char"), "chrF": chrf,
+                     "last_ppl": r["curve"][-1]["eval_ppl"] if done else None,
+                     "last_step": r["curve"][-1]["step"] if done else None})
+    return pd.DataFrame(rows)
+
+
+def sweep_note(doc: dict) -> str:
+    """What the sweep is, on which card: its own description if it has one."""
+    gpu = doc.get("hardware", {}).get("gpu") or "CPU"
+    what = doc.get("what") or (f"{len(doc['rows'])} variants of the recipe (the first row: the params file's own), "
+                               "each trained by lib.train; chrF of each best adapter's greedy answers.")
+    return f"{what} Card: {gpu}. Settings are chosen on the public test, as the seed did."
+
+
+def sweep_curves(doc: dict) -> pd.DataFrame:
+    return pd.concat([pd.DataFrame(r["curve"]).assign(variant=sweep_label(r["changes"]))
+                      for r in doc["rows"] if "curve" in r], ignore_index=True)
 
 
 def provenance(res) -> pd.DataFrame:

@@ -137,6 +137,7 @@ def test_report_html_has_the_numbers(full_run):
     tuned = head[(head.method == "QLoRA") & (head.direction == "all")]
     assert tuned.mean_ppl.iloc[0] == pytest.approx(best, abs=1e-3)
     assert "seed's ordering" in (run / "05_report.html").read_text()  # the discussion is written
+    assert "No recipe sweep in" in (run / "05_report.html").read_text()  # none ran beside this study
     html = (run / "05_report.html").read_text()
     assert "Missing result" not in html and html.count("data:image/png;base64") >= 4  # self-contained
     assert "def " not in html  # --no-input: code hidden

@@ -91,7 +91,19 @@ def test_readme_sweep_table_is_the_committed_sweep():
 
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     block = readme.split("<!-- sweep:start -->", 1)[1].split("<!-- sweep:end -->", 1)[0].strip()
-    doc = json.loads((ROOT / "benchmarks/results/2026-11-26-qwen1.5b-recipe-sweep-h100.json").read_text())
+    doc = json.loads((ROOT / "reports/course-H200/recipe_sweep/recipe_sweep.json").read_text())
     assert block == recipe_sweep.markdown(doc)
     best = min((r for r in doc["rows"]), key=lambda r: r["best_ppl"])
     assert f"| {best['best_ppl']:.2f} ({best['best_step']}) |" in block and best["changes"]["lora_alpha"] == 64
+
+
+@pytest.mark.parametrize("folder", PUBLISHED, ids=lambda p: p.name)
+def test_published_report_shows_its_recipe_sweep(folder):
+    """A sweep published with the study is a section of its report: every variant's best mean ppl is there."""
+    import json
+
+    if not (folder / report.SWEEP).exists():
+        pytest.skip("no recipe sweep published with this study")
+    doc = json.loads((folder / report.SWEEP).read_text())
+    table = next(t for t in pd.read_html(folder / "05_report.html") if "changes" in t.columns)
+    assert table.best_ppl.tolist() == pytest.approx([r["best_ppl"] for r in doc["rows"]], abs=5e-4)
