@@ -229,3 +229,67 @@ def test_stacks_counts_a_function_once_per_sample(tmp_path):
     total, inclusive, self_time = stacks.summarize(raw)
     assert total == 4 and inclusive["f (a.py)"] == 3 and inclusive["main (a.py)"] == 4
     assert self_time["f (a.py:9)"] == 3 and self_time["g (b.py:2)"] == 1
+
+
+def _wheel(folder: Path) -> Path:
+    """A minimal pure-Python wheel (demo_pkg 0.1) built by hand."""
+    import zipfile
+
+    w = folder / "demo_pkg-0.1-py3-none-any.whl"
+    with zipfile.ZipFile(w, "w") as z:
+        z.writestr("demo_pkg/__init__.py", "X = 42\n")
+        z.writestr("demo_pkg-0.1.dist-info/METADATA", "Metadata-Version: 2.1\nName: demo-pkg\nVersion: 0.1\n")
+        z.writestr("demo_pkg-0.1.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: hand\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr("demo_pkg-0.1.dist-info/RECORD", "")
+    return w
+
+
+def test_bundle_travels_in_chunks_and_sets_up_a_device(tmp_path):
+    """bundle.py: chunks that each call carries alone, staged one by one, joined and checked by the last
+    call; then the wheels import and the data is data/raw. A fresh machine stops at once (exit 3), a
+    missing chunk is named (exit 4), a damaged one fails the sha256 check."""
+    import os
+    import shutil
+    import subprocess
+
+    import bundle
+
+    (tmp_path / "w").mkdir()
+    _wheel(tmp_path / "w")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.json").write_text('[{"id": "1", "instruction": "x", "output": "y"}]' * 40)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    bundle.main(["--wheels", str(tmp_path / "w"), "--data", str(data), "--chunk-bytes", "4096", "--root", str(repo)])
+    chunks = sorted(repo.glob(".stG*"))
+    assert len(chunks) >= 3
+
+    def call(device, chunk, command):  # the tree a call carries: the scripts and one chunk
+        tree = tmp_path / "tree"
+        shutil.rmtree(tree, ignore_errors=True)
+        shutil.copytree(repo / ".stD", tree / ".stD")
+        if chunk is not None:
+            shutil.copytree(chunk, tree / chunk.name)
+        env = dict(os.environ, DEVICE_ROOT=str(device), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+        return subprocess.run(["bash", "-c", command], cwd=tree, env=env, capture_output=True, text=True)
+
+    dev = tmp_path / "dev"
+    for c in chunks[:-1]:
+        assert call(dev, c, "bash .stD/stage.sh").returncode == 0
+    r = call(dev, chunks[-1], "bash .stD/setup.sh")
+    assert r.returncode == 0 and "setup done" in r.stdout, r.stderr
+    r = call(dev, None, "source .stD/env.sh && python -c 'import demo_pkg; print(demo_pkg.X)' && cat data/raw/train.json")
+    assert r.returncode == 0 and r.stdout.startswith("42\n") and r.stdout.endswith('"y"}]'), r.stderr
+
+    r = call(tmp_path / "fresh", None, "source .stD/env.sh && echo ran")
+    assert r.returncode == 3 and "ran" not in r.stdout and "no setup on this machine" in r.stderr
+    r = call(tmp_path / "partial", chunks[-1], "bash .stD/setup.sh")
+    assert r.returncode == 4 and f"only 1 of {len(chunks)} chunks" in r.stderr
+    bad = tmp_path / "bad"
+    for c in chunks[:-1]:
+        call(bad, c, "bash .stD/stage.sh")
+    staged = bad / "stage" / "c00"
+    staged.write_bytes(b"x" + staged.read_bytes()[1:])
+    r = call(bad, chunks[-1], "bash .stD/setup.sh")
+    assert r.returncode != 0 and "setup done" not in r.stdout and not (bad / "site" / "demo_pkg").exists()

