@@ -59,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project, als
 from lib import collate, data, launch, models, paramfile, params, trainable  # noqa: E402
 from lib.trainer import AnswerLossTrainer, training_args, world_size  # noqa: E402
 
-BASELINE = dict(compute_dtype="float32", answer_loss=False, group_by_length=False, packing=False, pack_tokens=512,
+BASELINE = dict(compute_dtype="float32", answer_loss=False, head_loss="chunked", group_by_length=False, packing=False, pack_tokens=512,
                 gradient_checkpointing=True, keep_frozen_dtype=False, cache_dequantized=False, compile=False,
                 optim="adamw_torch")
 SPEED_KEYS = tuple(BASELINE)  # what a mode sets; the rest of TrainParams is the same in every mode
@@ -273,6 +273,7 @@ def run(mode, settings, model_dir, feats, tok, a, spy_file=None):
         args.gradient_checkpointing = False  # unsloth's own checkpointing is in the model already
     cls = AnswerLossTrainer if p.answer_loss else Trainer
     trainer = cls(model=model, args=args, train_dataset=feats, data_collator=collator, callbacks=[clock])
+    trainer.head_loss = p.head_loss  # used by AnswerLossTrainer only
     trainer.remove_callback(PrinterCallback)  # a line per step and mode drowns the table
     t = time.perf_counter()
     trainer.train()

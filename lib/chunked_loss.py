@@ -49,6 +49,17 @@ class _HeadNLL(torch.autograd.Function):
         return (grad * grad_losses[:, None]).to(ctx.hidden_dtype), None, None, None
 
 
+def cce_nll(hidden, weight, targets, cap=None, bias=None):
+    """The same per-token NLL by Apple's cut-cross-entropy (Triton kernels: CUDA only; logits never leave
+    SRAM, and its backward skips vocabulary entries whose softmax is negligible). The hand-written
+    head_nll stays the reference it is tested against (tests/test_gpu.py)."""
+    from cut_cross_entropy import linear_cross_entropy
+
+    if bias is not None:
+        raise ValueError("head_loss: cce takes an LM head without a bias")
+    return linear_cross_entropy(hidden.to(weight.dtype), weight, targets, softcap=cap, reduction="none").float()
+
+
 def head_nll(hidden, weight, targets, cap=None, bias=None):
     """Per-token NLL of targets given hidden states [N, d] and a frozen LM head weight [V, d].
 
@@ -65,3 +76,6 @@ def head_nll(hidden, weight, targets, cap=None, bias=None):
         z, _ = _logits(hidden[a:b], weight, cap)
         out[a:b] = F.cross_entropy(z, targets[a:b], reduction="none")
     return out
+
+
+HEAD_LOSSES = {"chunked": head_nll, "cce": cce_nll}  # SpeedParams.head_loss

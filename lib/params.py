@@ -104,6 +104,7 @@ class SpeedParams:
     """Settings that change speed and memory, not the loss (lib/speedups.py, benchmarks/README.md)."""
 
     answer_loss: bool = True  # LM head only on answer tokens: same loss, no prompt logits (big vocabularies)
+    head_loss: str = "chunked"  # the answer loss's LM head: chunked (lib/chunked_loss.py) or cce (cut-cross-entropy, CUDA)
     packing: bool = False  # sequences laid end to end in rows, no padding between them (same per-example loss)
     pack_tokens: int = 512  # row length for packing (a longer sequence gets a row of its own)
     group_by_length: bool = False  # batches of similar length pad less (speed); False keeps the seed's order
@@ -115,6 +116,9 @@ class SpeedParams:
 
     def check(self):
         _positive(self, "pack_tokens", "num_processes")
+        _choice("head_loss", self.head_loss, ("chunked", "cce"))
+        if self.head_loss == "cce":
+            _needs_cce()
         if self.compile:
             import torch
 
@@ -129,6 +133,16 @@ class SpeedParams:
             per_process_accum(self.grad_accum, self.num_processes)
         except ValueError as e:
             raise ParamsError(str(e)) from None
+
+
+def _needs_cce():
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("cut_cross_entropy") is None or not torch.cuda.is_available():
+        raise ParamsError("head_loss: cce needs a CUDA GPU and the cut-cross-entropy package "
+                          "(its kernels are Triton's); head_loss: chunked runs anywhere")
 
 
 @dataclass

@@ -94,14 +94,14 @@ class CurveCallback(TrainerCallback):
 
 
 def answer_loss(model, input_ids, labels, attention_mask=None, position_ids=None, num_items_in_batch=None,
-                bf16=False):
+                bf16=False, head_loss="chunked"):
     """Mean NLL of the answer tokens (labels != IGNORE), the LM head run on those positions only."""
     score = torch.zeros_like(labels, dtype=torch.bool)
     score[:, :-1] = labels[:, 1:] != IGNORE  # position t predicts label t+1
     # accelerate puts bf16 autocast around model.forward; this path calls the decoder directly, so it must
     # do the same, or the LoRA matmuls run in fp32 with a cast around every one of them
     with torch.autocast(labels.device.type, dtype=torch.bfloat16, enabled=bf16):
-        losses, _ = evaluate.token_nll(model, input_ids, attention_mask, score, position_ids)
+        losses, _ = evaluate.token_nll(model, input_ids, attention_mask, score, position_ids, head_loss)
     # a sum over the items of all accumulated micro-batches, as HF does: exact token mean per step
     return losses.sum() / (num_items_in_batch if num_items_in_batch is not None else losses.numel())
 
@@ -113,13 +113,15 @@ class AnswerLossTrainer(Trainer):
     prompt token: less memory and time, most of all for large vocabularies (Gemma: 262k).
     """
 
+    head_loss = "chunked"  # SpeedParams.head_loss; make_trainer sets it from the recipe
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        bf16 = self.args.bf16
+        kw = dict(bf16=self.args.bf16, head_loss=self.head_loss)
         if hasattr(model, "module"):  # wrapped by DDP: its own forward must run, it arms the gradient all-reduce
-            with forward_replaced(model.module, functools.partial(answer_loss, model.module, bf16=bf16)):
+            with forward_replaced(model.module, functools.partial(answer_loss, model.module, **kw)):
                 loss = model(**inputs, num_items_in_batch=num_items_in_batch)
         else:
-            loss = answer_loss(model, **inputs, num_items_in_batch=num_items_in_batch, bf16=bf16)
+            loss = answer_loss(model, **inputs, num_items_in_batch=num_items_in_batch, **kw)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # as HF does: num_items_in_batch counts every process's tokens and DDP averages the gradients
             loss = loss * self.accelerator.num_processes
@@ -185,8 +187,10 @@ torch.serialization.register_package(11, lambda obj: None, _restore_cpu_n)
 
 def make_trainer(model, tok, feats, eval_records, p, out: Path, collator) -> Trainer:
     cls = AnswerLossTrainer if p.answer_loss else Trainer
-    return cls(model=model, args=training_args(p, out, len(feats)), train_dataset=feats, data_collator=collator,
-               callbacks=[CurveCallback(tok, eval_records, p, out)])
+    trainer = cls(model=model, args=training_args(p, out, len(feats)), train_dataset=feats, data_collator=collator,
+                  callbacks=[CurveCallback(tok, eval_records, p, out)])
+    trainer.head_loss = p.head_loss
+    return trainer
 
 
 def curve_callback(trainer) -> CurveCallback:

@@ -49,3 +49,25 @@ def test_nf4_linear_on_gpu(rows):
         torch.testing.assert_close(g1, g0, rtol=2e-2, atol=1e-2)
         if fn is lean or rows > 1536:
             assert torch.equal(out1, out0) and torch.equal(g1, g0)
+
+
+@pytest.mark.parametrize("cap", [None, 30.0])
+def test_cce_head_loss_equals_the_chunked_one_on_gpu(cap):
+    """cut-cross-entropy against the hand-written chunked loss (the reference), a Llama-sized vocabulary in
+    bf16: per-token losses to bf16 rounding, the gradient w.r.t. the hidden states in direction and size."""
+    pytest.importorskip("cut_cross_entropy")
+    from lib import chunked_loss
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    weight = (torch.randn(32000, 512, device="cuda", generator=g) * 0.05).bfloat16()
+    h = torch.randn(700, 512, device="cuda", generator=g).bfloat16()
+    targets = torch.randint(0, 32000, (700,), device="cuda", generator=g)
+    upstream = torch.rand(700, device="cuda", generator=g)
+    h1, h2 = h.clone().requires_grad_(), h.clone().requires_grad_()
+    ref, cce = chunked_loss.head_nll(h1, weight, targets, cap), chunked_loss.cce_nll(h2, weight, targets, cap)
+    (ref * upstream).sum().backward()
+    (cce * upstream).sum().backward()
+    torch.testing.assert_close(cce, ref, rtol=2e-2, atol=2e-2)
+    g1, g2 = h1.grad.float().flatten(), h2.grad.float().flatten()
+    assert torch.nn.functional.cosine_similarity(g1, g2, dim=0) > 0.999
+    assert g2.norm() / g1.norm() == pytest.approx(1, rel=1e-2)

@@ -241,3 +241,38 @@ def test_replace_4bit_leaves_what_it_does_not_support():
     model = torch.nn.Sequential(_layer_4bit("nf4"), _layer_4bit("fp4"))
     assert nf4.replace_4bit(model) == 1
     assert isinstance(model[0], nf4.NF4Linear) and isinstance(model[1], bnb.nn.Linear4bit)
+
+
+def test_head_loss_is_checked_before_anything_runs():
+    with pytest.raises(params.ParamsError, match="head_loss"):
+        params.TrainParams(head_loss="fused")
+    if not torch.cuda.is_available():
+        with pytest.raises(params.ParamsError, match="head_loss: cce needs a CUDA GPU"):
+            params.TrainParams(head_loss="cce")
+
+
+def test_the_recipes_head_loss_reaches_the_loss(tiny, tmp_path, monkeypatch):
+    """make_trainer hands the recipe's head_loss to the answer loss (a stand-in for CCE here: its kernels
+    need CUDA; tests/test_gpu.py compares the real one with the chunked loss)."""
+    from lib import evaluate
+    from lib.trainer import make_trainer
+
+    calls = []
+
+    def stand_in(hidden, weight, targets, cap=None, bias=None):
+        calls.append(len(targets))
+        return chunked_loss.head_nll(hidden, weight, targets, cap, bias)
+
+    monkeypatch.setitem(evaluate.HEAD_LOSSES, "cce", stand_in)
+    model, _, tok = tiny
+    recs = data.load_split("data/sample", "train", limit=5)
+    feats, _, _ = collate.encode_examples(tok, recs, "course", 2048)
+    batch = collate.PadCollator(tok.pad_token_id)(feats)
+    p = params.TrainParams(model=TINY, max_steps=1)
+    p.head_loss = "cce"  # past the check, which needs CUDA
+    trainer = make_trainer(model, tok, feats, recs, p, tmp_path, collate.PadCollator(tok.pad_token_id))
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, batch)
+        ref = answer_loss(model, **batch)
+    n_answer = int((batch["labels"][:, 1:] != -100).sum())
+    assert calls == [n_answer] and loss.item() == pytest.approx(ref.item(), rel=1e-6)
