@@ -121,6 +121,11 @@ def main(argv=None):
         sha, n = meta.read_text().split()
         scripts(root, sha, int(n), a.models, commit, a.data is not None)
         return print(f"rewrote {root / '.stD'} (commit {commit[:10]})")
+    empty = [d for d in a.wheels if not list(Path(d).glob("*.whl"))]
+    if empty:
+        raise SystemExit(f"no wheels in {empty}")
+    if a.data and not list(Path(a.data).glob("*.json")):
+        raise SystemExit(f"no course JSON files in {a.data}")
     wheels = sorted(w for d in a.wheels for w in Path(d).glob("*.whl"))
     with tempfile.TemporaryDirectory() as tmp:
         tar = Path(tmp) / "bundle.tar"

@@ -158,6 +158,8 @@ def main(argv=None):
         return print(markdown(json.loads(Path(a.markdown).read_text())))
     if not (a.params and a.out):
         ap.error("a params file and --out are needed to run a sweep")
+    if a.parallel < 1:
+        ap.error("--parallel must be at least 1")
     common = parse_changes([x for x in a.args if x.startswith("+")])
     variants = [{}] + [parse_changes(x.split()) for x in a.args if not x.startswith("+")]
     p0 = paramfile.load(a.params)["01_finetune"]

@@ -261,6 +261,10 @@ def test_bundle_travels_in_chunks_and_sets_up_a_device(tmp_path):
     (data / "train.json").write_text('[{"id": "1", "instruction": "x", "output": "y"}]' * 40)
     repo = tmp_path / "repo"
     repo.mkdir()
+    with pytest.raises(SystemExit, match="no wheels in"):
+        bundle.main(["--wheels", str(tmp_path), "--root", str(repo)])
+    with pytest.raises(SystemExit, match="not embedded"):
+        bundle.main(["--models", "qwen-7b", "--root", str(repo)])
     bundle.main(["--wheels", str(tmp_path / "w"), "--data", str(data), "--chunk-bytes", "4096", "--root", str(repo)])
     chunks = sorted(repo.glob(".stG*"))
     assert len(chunks) >= 3
