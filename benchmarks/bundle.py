@@ -18,6 +18,7 @@ within the machine's 30 s idle window. benchmarks/README.md says what goes in `-
 """
 import argparse
 import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -114,12 +115,12 @@ def main(argv=None):
     if bad:
         raise SystemExit(f"not embedded: {bad}; embedded: {sorted(embedded.EMBEDDED)}")
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-    meta = root / ".stD" / "bundle.txt"  # sha and chunk count, for --scripts-only
+    meta = root / ".stD" / "bundle.json"  # what the chunks hold, for --scripts-only
     if a.scripts_only:
         if not meta.exists():
             raise SystemExit(f"no bundle made yet in {root}")
-        sha, n = meta.read_text().split()
-        scripts(root, sha, int(n), a.models, commit, a.data is not None)
+        m = json.loads(meta.read_text())
+        scripts(root, m["sha256"], m["chunks"], m["models"], commit, m["data"])
         return print(f"rewrote {root / '.stD'} (commit {commit[:10]})")
     empty = [d for d in a.wheels if not list(Path(d).glob("*.whl"))]
     if empty:
@@ -132,7 +133,7 @@ def main(argv=None):
         sha = make_tar(tar, wheels, model_wheels(a.models), a.data)
         n = split(tar, root, a.chunk_bytes)
     scripts(root, sha, n, a.models, commit, a.data is not None)
-    meta.write_text(f"{sha} {n}\n")
+    meta.write_text(json.dumps({"sha256": sha, "chunks": n, "models": a.models, "data": a.data is not None}))
     exclude = root / ".git" / "info" / "exclude"
     if (root / ".git").is_dir():  # the chunks and scripts must never be committed
         exclude.parent.mkdir(exist_ok=True)

@@ -278,6 +278,9 @@ def test_bundle_travels_in_chunks_and_sets_up_a_device(tmp_path):
         env = dict(os.environ, DEVICE_ROOT=str(device), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
         return subprocess.run(["bash", "-c", command], cwd=tree, env=env, capture_output=True, text=True)
 
+    before = (repo / ".stD" / "setup.sh").read_text()
+    bundle.main(["--scripts-only", "--root", str(repo)])  # e.g. after a commit: the same scripts
+    assert (repo / ".stD" / "setup.sh").read_text() == before and sorted(repo.glob(".stG*")) == chunks
     dev = tmp_path / "dev"
     for c in chunks[:-1]:
         assert call(dev, c, "bash .stD/stage.sh").returncode == 0
