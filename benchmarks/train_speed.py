@@ -40,6 +40,11 @@ def modes_arg(argv) -> str:
 
 
 if "unsloth" in modes_arg(sys.argv):
+    import os as _os
+
+    # offline: unsloth otherwise pings the hub for usage statistics at load (a 120 s limit when it hangs)
+    _os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
+    _os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import unsloth  # noqa: F401  before transformers and peft, which it patches (its modes run alone)
 
 import argparse
