@@ -15,11 +15,11 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from lib import paramfile, plots, results  # noqa: E402
+from lib import paramfile, params, plots, results  # noqa: E402
+from lib.cli import one_line_errors  # noqa: E402
 
 
 def run(p, n: int, out: Path) -> dict:
@@ -39,7 +39,7 @@ def main():
     ap.add_argument("changes", nargs="*", help="+key=value changes of the train recipe")
     a = ap.parse_intermixed_args()  # the +changes may follow --out
     p = paramfile.load(a.params)["01_finetune"]
-    p = dataclasses.replace(p, **{k.lstrip("+"): yaml.safe_load(v) for k, v in (c.split("=", 1) for c in a.changes)})
+    p = dataclasses.replace(p, **paramfile.parse_changes(a.changes, params.TrainParams))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     one, many = run(p, 1, out), run(p, a.processes, out)
@@ -59,4 +59,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors() as cli:  # a bad key=value is one line, not a traceback
+        main()
+    sys.exit(cli.code)

@@ -15,22 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project, run from anywhere
 from lib import data, generate, paramfile, params, quality, results, trainable  # noqa: E402
-
-
-def parse_setting(text: str) -> dict:
-    """'num_beams=4 repetition_penalty=1.1' -> {'num_beams': 4, 'repetition_penalty': 1.1}; only decoding keys."""
-    out = {}
-    for item in text.split():
-        k, sep, v = item.partition("=")
-        if not sep or k not in {f.name for f in dataclasses.fields(params.GenerateParams)}:
-            raise SystemExit(f"setting {text!r}: {item!r} is not key=value of a decoding parameter "
-                             f"({', '.join(f.name for f in dataclasses.fields(params.GenerateParams))})")
-        out[k] = yaml.safe_load(v)
-    return out
+from lib.cli import one_line_errors  # noqa: E402
 
 
 def main(argv=None):
@@ -43,7 +31,7 @@ def main(argv=None):
     ap.add_argument("settings", nargs="*")
     a = ap.parse_intermixed_args(argv)
     p = paramfile.load(a.params)["01_finetune"]
-    changes = [{}] + [parse_setting(s) for s in a.settings]
+    changes = [{}] + [paramfile.parse_changes(s.split(), params.GenerateParams) for s in a.settings]
     for c in changes:
         dataclasses.replace(p, **c).check()  # a bad value fails before the model loads
     records = data.load_split(p.data_dir, p.eval_split, limit=a.limit or None)
@@ -67,4 +55,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors() as cli:  # a bad key=value is one line, not a traceback
+        main()
+    sys.exit(cli.code)

@@ -28,26 +28,11 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from lib import data, generate, paramfile, params, plots, quality, report, results, trainable  # noqa: E402
-
-TRAIN_KEYS = {f.name for f in dataclasses.fields(params.TrainParams)}
-
-
-def parse_changes(items) -> dict:
-    """['+lora_alpha=64', 'lr_scheduler=cosine'] -> {'lora_alpha': 64, 'lr_scheduler': 'cosine'}; recipe keys only."""
-    out = {}
-    for item in items:
-        k, sep, v = item.lstrip("+").partition("=")
-        if not sep or k not in TRAIN_KEYS:
-            raise SystemExit(f"{item!r} is not key=value of the fine-tuning recipe (TrainParams: "
-                             f"{', '.join(sorted(TRAIN_KEYS))})")
-        out[k] = yaml.safe_load(v)
-    return out
-
+from lib.cli import one_line_errors  # noqa: E402
 
 def slug(changes: dict) -> str:
     """The variant's folder name: its changes, readable ('baseline' for none)."""
@@ -104,7 +89,6 @@ def adapter_quality(p, folder: Path, records) -> list[dict]:
         return json.loads(cache.read_text())
     model, tok = trainable.load_adapted(p, folder / "best_adapter")
     rows = quality.by_direction(records, generate.translate(model, tok, records, p, progress=False)).to_dict("records")
-    del model
     results.atomic_write(cache, json.dumps(rows))
     return rows
 
@@ -118,17 +102,6 @@ def row(name: str, changes: dict, folder: Path) -> dict:
     keep = ("best_ppl", "best_step", "best_bits_per_char", "final_ppl", "steps", "zero_shot_ppl", "median_s_per_step", "gpu")
     return {"variant": name, "changes": changes, **{k: s.get(k) for k in keep},
             "curve": pd.read_csv(folder / "curve.csv").to_dict(orient="records")}
-
-
-def table(rows) -> pd.DataFrame:
-    """The printed table: best point, bits per character, chrF, and the ratio to the baseline's mean ppl."""
-    done = [r for r in rows if "best_ppl" in r]
-    df = pd.DataFrame([{"variant": r["variant"], "best ppl": r["best_ppl"], "step": r["best_step"],
-                        "bits/char": r["best_bits_per_char"], "chrF": (r.get("quality") or [{}])[0].get("chrF"),
-                        "s/step": r["median_s_per_step"]} for r in done])
-    if len(df) and rows[0] in done:
-        df["ppl vs baseline"] = df["best ppl"] / rows[0]["best_ppl"]
-    return df
 
 
 def markdown(doc: dict) -> str:
@@ -160,8 +133,8 @@ def main(argv=None):
         ap.error("a params file and --out are needed to run a sweep")
     if a.parallel < 1:
         ap.error("--parallel must be at least 1")
-    common = parse_changes([x for x in a.args if x.startswith("+")])
-    variants = [{}] + [parse_changes(x.split()) for x in a.args if not x.startswith("+")]
+    common = paramfile.parse_changes([x for x in a.args if x.startswith("+")], params.TrainParams)
+    variants = [{}] + [paramfile.parse_changes(x.split(), params.TrainParams) for x in a.args if not x.startswith("+")]
     p0 = paramfile.load(a.params)["01_finetune"]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -191,11 +164,16 @@ def main(argv=None):
         results.atomic_write(out / "recipe_sweep.json", json.dumps(doc, indent=1, default=str))
     if any("curve" in r for r in rows):
         plots.save(plots.sweep_lines(report.sweep_curves(doc)), out / "recipe_sweep.png")
-    print(table(rows).round(3).to_string(index=False))
+    t = report.sweep_table(doc)
+    t["ppl vs baseline"] = t.best_ppl / t.best_ppl.iloc[0]  # row 0: the params file's own recipe
+    t["s/step"] = [r.get("median_s_per_step") for r in rows]
+    print(t.round(3).to_string(index=False))
     failed = [r["variant"] for r in rows if "error" in r]
     if failed:
         raise SystemExit(f"not finished: {failed} (rerun the same command to resume)")
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors() as cli:  # a bad key=value is one line, not a traceback
+        main()
+    sys.exit(cli.code)

@@ -57,11 +57,11 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from transformers import PrinterCallback, Trainer, TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project, also when accelerate runs this file
 from lib import collate, data, launch, models, paramfile, params, trainable  # noqa: E402
+from lib.cli import one_line_errors  # noqa: E402
 from lib.trainer import AnswerLossTrainer, training_args, world_size  # noqa: E402
 
 BASELINE = dict(compute_dtype="float32", answer_loss=False, head_loss="chunked", group_by_length=False, packing=False, pack_tokens=512,
@@ -203,13 +203,17 @@ def random_model(config: str, folder: Path) -> Path:
     return folder
 
 
-def liger_patched(model, on: bool):
-    """The model with Liger-Kernel's kernels swapped in (what HF's use_liger_kernel=True does), if on."""
-    if on:
+def build_model(trainer_name: str, model_dir: Path, tok, p, a):
+    """The 4-bit model with LoRA as each trainer makes it: unsloth's own, or the project's loader, for
+    `liger` with Liger-Kernel's kernels swapped into the base first (what HF's use_liger_kernel=True does)."""
+    if trainer_name == "unsloth":
+        return unsloth_model(model_dir, tok, p, a)
+    base = models.load_model(p.model, "nf4", p.compute_dtype, a.device)
+    if trainer_name == "liger":
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
-        _apply_liger_kernel_to_instance(model=model)
-    return model
+        _apply_liger_kernel_to_instance(model=base)
+    return trainable.add_lora(base, p)
 
 
 def unsloth_model(model_dir: Path, tok, p, a):
@@ -244,13 +248,7 @@ def mode_settings(mode: str, project: dict) -> dict:
     name, *changes = mode.split("+")
     if name not in TRAINERS:
         raise SystemExit(f"mode {mode!r}: must start with one of {', '.join(TRAINERS)}")
-    out = dict(base_settings(name, project))
-    for c in changes:
-        k, _, v = c.partition("=")
-        if k not in params.TrainParams.__dataclass_fields__:
-            raise SystemExit(f"mode {mode!r}: {k!r} is not a TrainParams field")
-        out[k] = yaml.safe_load(v)
-    return out
+    return dict(base_settings(name, project)) | paramfile.parse_changes(changes, params.TrainParams)
 
 
 def run(mode, settings, model_dir, feats, tok, a, spy_file=None):
@@ -266,8 +264,7 @@ def run(mode, settings, model_dir, feats, tok, a, spy_file=None):
     torch.manual_seed(0)
     t_load = time.perf_counter()
     trainer_name = mode.split("+")[0]
-    model = unsloth_model(model_dir, tok, p, a) if trainer_name == "unsloth" else trainable.add_lora(
-        liger_patched(models.load_model(p.model, "nf4", p.compute_dtype, a.device), trainer_name == "liger"), p)
+    model = build_model(trainer_name, model_dir, tok, p, a)
     t_load = time.perf_counter() - t_load
     collator = Counting(collate.collator(p, tok))
     clock = Clock(collator, a.warmup, a.steps, a.profile, a.memory_trace, spy_file)
@@ -462,4 +459,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors() as cli:  # a bad key=value is one line, not a traceback
+        main()
+    sys.exit(cli.code)

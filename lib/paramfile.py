@@ -119,6 +119,19 @@ def load(path=None) -> dict:
     return out
 
 
+def parse_changes(items, cls) -> dict:
+    """['lora_alpha=64', '+learning_rate=1e-4'] -> {'lora_alpha': 64, 'learning_rate': 0.0001}: command-line
+    changes of cls's fields (a leading + is allowed), values read as a params file reads them."""
+    names = {f.name for f in fields(cls)}
+    out = {}
+    for item in items:
+        k, sep, v = item.lstrip("+").partition("=")
+        if not sep or k not in names:
+            raise ParamsError(f"{item!r} is not key=value of a {cls.__name__} field ({', '.join(sorted(names))})")
+        out[k] = yaml.load(v, Loader=_Loader)
+    return out
+
+
 def dump_train(p, path: Path, **changes) -> Path:
     """A params file whose `train` section is p's recipe (for launched processes and run records)."""
     values = {f.name: getattr(p, f.name) for f in fields(TrainParams)} | changes

@@ -11,6 +11,7 @@ sys.path.insert(0, str(BENCH))
 import memtrace  # noqa: E402
 import stacks  # noqa: E402
 import train_speed  # noqa: E402
+from lib.paramcheck import ParamsError  # noqa: E402
 from tests.tiny_model import TINY
 
 
@@ -37,7 +38,7 @@ def test_decode_sweep_on_the_tiny_model(tmp_path):
     assert all(0 <= r["chrF"] <= 100 and r["n"] > 0 for r in doc["rows"])
     assert all(len(x) <= 2 for x in doc["answers"]["max_new_tokens=2 num_beams=2"])
     assert any(len(x) > 2 for x in doc["answers"]["01's own"])  # 8 new tokens
-    with pytest.raises(SystemExit, match="not key=value of a decoding parameter"):
+    with pytest.raises(ParamsError, match="not key=value of a GenerateParams field"):
         decode_sweep.main([str(cfg), "--run", str(tmp_path / "run"), "learning_rate=1"])
 
 
@@ -87,7 +88,7 @@ def test_recipe_sweep_on_the_tiny_model(tmp_path, capsys):
         recipe_sweep.main(args)  # the finished runs read back: none trains, no chrF generated again
     assert finished() == stamps and len(stamps) >= 9
     assert "reusing the finished run" in (out / "baseline" / "train.log").read_text()
-    with pytest.raises(SystemExit, match="not key=value of the fine-tuning recipe"):
+    with pytest.raises(ParamsError, match="not key=value of a TrainParams field"):
         recipe_sweep.main([str(cfg), "--out", str(out), "num_beams=2"])
 
 
@@ -120,15 +121,21 @@ def test_ddp_compare_on_cpu(tmp_path, monkeypatch):
     assert (tmp_path / "o" / "ddp_curves.png").exists()
 
 
-def test_train_speed_over_processes(tmp_path, monkeypatch):
-    """--processes 1,2: each count in its own accelerate launch (CPU, gloo) at the same effective batch
-    (4 x 2 on one process, 4 x 1 on each of two): the same losses."""
+def _train_speed(tmp_path, monkeypatch, modes, *more):
+    """train_speed.py on the tiny model, 16 sample records, 3 steps on CPU; returns its JSON's path."""
     out = tmp_path / "r.json"
     monkeypatch.setattr(sys, "argv", [
         "train_speed.py", "--model", TINY, "--data-dir", "data/sample", "--records", "16", "--micro-batch", "4",
-        "--grad-accum", "2", "--steps", "3", "--warmup", "1", "--device", "cpu", "--params", "params/default.yaml",
-        "--work", str(tmp_path / "w"), "--json", str(out), "--modes", "project", "--processes", "1,2"])
+        "--steps", "3", "--warmup", "1", "--device", "cpu", "--params", "params/default.yaml",
+        "--work", str(tmp_path / "w"), "--json", str(out), "--modes", modes, *more])
     train_speed.main()
+    return out
+
+
+def test_train_speed_over_processes(tmp_path, monkeypatch):
+    """--processes 1,2: each count in its own accelerate launch (CPU, gloo) at the same effective batch
+    (4 x 2 on one process, 4 x 1 on each of two): the same losses."""
+    out = _train_speed(tmp_path, monkeypatch, "project", "--grad-accum", "2", "--processes", "1,2")
     runs = json.loads(out.read_text())["runs"]
     one, two = runs["1"]["rows"][0], runs["2"]["rows"][0]
     assert (one["processes"], two["processes"]) == (1, 2)
@@ -138,12 +145,7 @@ def test_train_speed_over_processes(tmp_path, monkeypatch):
 
 def test_train_speed_modes_on_the_tiny_model(tmp_path, monkeypatch):
     """Baseline and project (seed settings but the answer-only loss) see the same batches: same losses."""
-    out = tmp_path / "r.json"
-    monkeypatch.setattr(sys, "argv", [
-        "train_speed.py", "--model", TINY, "--data-dir", "data/sample", "--records", "16",
-        "--micro-batch", "4", "--steps", "3", "--warmup", "1", "--device", "cpu", "--params", "params/default.yaml",
-        "--work", str(tmp_path / "w"), "--json", str(out), "--modes", "baseline,project+lean_nf4=true"])
-    train_speed.main()
+    out = _train_speed(tmp_path, monkeypatch, "baseline,project+lean_nf4=true")
     rows = json.loads(out.read_text())["rows"]
     assert [r["mode"] for r in rows] == ["baseline", "project+lean_nf4=true"]
     assert rows[0]["settings"] == train_speed.BASELINE and rows[1]["settings"]["lean_nf4"] is True
@@ -161,7 +163,7 @@ def test_train_speed_modes_on_the_tiny_model(tmp_path, monkeypatch):
 
 
 def test_mode_settings_reject_unknown_keys():
-    with pytest.raises(SystemExit, match="not a TrainParams field"):
+    with pytest.raises(ParamsError, match="not key=value of a TrainParams field"):
         train_speed.mode_settings("project+nope=1", {})
     assert train_speed.mode_settings("baseline+compile=true", {})["compile"] is True
     with pytest.raises(SystemExit, match="must start with one of baseline, project, liger, unsloth"):
@@ -193,12 +195,7 @@ def test_liger_mode_patches_the_base_model_and_trains_with_its_own_loss(tmp_path
     fake._apply_liger_kernel_to_instance = lambda model: patched.append(type(model).__name__)
     monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers", fake)
-    out = tmp_path / "r.json"
-    monkeypatch.setattr(sys, "argv", [
-        "train_speed.py", "--model", TINY, "--data-dir", "data/sample", "--records", "16",
-        "--micro-batch", "4", "--steps", "3", "--warmup", "1", "--device", "cpu", "--params", "params/default.yaml",
-        "--work", str(tmp_path / "w"), "--json", str(out), "--modes", "project,liger"])
-    train_speed.main()
+    out = _train_speed(tmp_path, monkeypatch, "project,liger")
     rows = json.loads(out.read_text())["rows"]
     assert patched == ["LlamaForCausalLM"]  # the base, not peft's wrapper; only in the liger mode
     assert rows[1]["settings"]["answer_loss"] is False and rows[0]["settings"]["answer_loss"] is True

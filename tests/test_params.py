@@ -136,3 +136,13 @@ def test_from_notebook_rejects_injected_typo():
         paramfile.from_notebook(params.ZeroshotParams, ns)
     del ns["templtes"]
     assert paramfile.from_notebook(params.ZeroshotParams, ns).templates == ["course", "instructive", "chat"]
+
+
+def test_command_line_changes_are_read_as_a_params_file_reads_them():
+    """+key=value of a dataclass's fields; 1e-4 is a number (YAML 1.2), not the string PyYAML makes of it."""
+    got = paramfile.parse_changes(["+learning_rate=1e-4", "lora_alpha=64", "target_modules=[q_proj]"], params.TrainParams)
+    assert got == {"learning_rate": 0.0001, "lora_alpha": 64, "target_modules": ["q_proj"]}
+    params.TrainParams(**got)  # the types pass the dataclass's check
+    for bad in ("num_beams=2", "lora_alpha"):
+        with pytest.raises(params.ParamsError, match="not key=value of a TrainParams field"):
+            paramfile.parse_changes([bad], params.TrainParams)
