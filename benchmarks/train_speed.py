@@ -76,7 +76,7 @@ TRAINERS = ("baseline", "project", "liger", "unsloth")
 def base_settings(name: str, project: dict) -> dict:
     """The settings a trainer starts from: the seed's naive recipe, the project's, Liger on the project's
     (the model's own loss, which Liger fuses), or unsloth's."""
-    return {"baseline": BASELINE, "project": project, "liger": dict(project, answer_loss=False),
+    return {"baseline": BASELINE, "project": project, "liger": dict(project, answer_loss=False, compile=False),
             "unsloth": UNSLOTH}[name]
 
 
@@ -424,6 +424,10 @@ def main():
     if "unsloth" in names and len(names) > 1:
         raise SystemExit("unsloth patches transformers for the whole process: give its modes an invocation "
                          "of their own (--modes unsloth), the others another, in the same call")
+    trainers = [m.split("+")[0] for m in a.modes.split(",")]
+    if "liger" in trainers and set(trainers[trainers.index("liger"):]) != {"liger"}:
+        raise SystemExit("Liger-Kernel patches the model's classes for the rest of the process (a later mode "
+                         "would train with its kernels): put the liger modes last")
     if a.processes and world_size() == 1 and "LOCAL_RANK" not in os.environ:
         return over_processes(a, sys.argv[1:])
     main_process = int(os.environ.get("RANK", 0)) == 0
