@@ -50,7 +50,7 @@ def main(argv=None):
         print(f"{name:40s} chrF {whole['chrF']:.2f}  BLEU {whole['BLEU']:.2f}  ({secs:.0f} s)", flush=True)
     if a.json:
         doc = {"run": str(a.run), "adapter": a.adapter, "n": len(records), "rows": rows, "answers": answers_by,
-               "hardware": results.hardware(), "versions": results.versions(), "params": p.to_dict()}
+               "git": results.git_state(), "hardware": results.hardware(), "versions": results.versions(), "params": p.to_dict()}
         Path(a.json).write_text(json.dumps(doc, indent=1, ensure_ascii=False))
 
 
