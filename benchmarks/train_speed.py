@@ -14,9 +14,11 @@ and memory of QLoRA do not depend on the weight values.
     python benchmarks/train_speed.py --config gemma3-270m.json --tokenizer tok/ --data-dir data/raw
 
 Two other trainers, each with its own best settings, for issue 17 (written against liger-kernel 0.8.5
-and unsloth 2026.10.9; NOT YET RUN on a GPU as of 2026-11-26, expect to debug them once):
+and unsloth 2026.10.9; unsloth ran on an H100 on 2026-11-26, see benchmarks/README.md):
 `liger` = the project's speed settings with the model's own loss, the model patched by Liger-Kernel
-(fused RMSNorm, SwiGLU, RoPE and the linear + cross-entropy loss that never builds the logits);
+(fused RMSNorm, SwiGLU, RoPE and the linear + cross-entropy loss that never builds the logits), without
+compile (its Triton kernels do not trace inside the compiled layers); its patch is class-wide, so its
+modes come last in an invocation;
 `unsloth` = unsloth's FastLanguageModel (its NF4 loading, LoRA and "unsloth" gradient checkpointing),
 bf16, padded batches, the model's own (fused) loss. unsloth patches transformers when imported, so its
 modes need an invocation of their own: run `--modes unsloth` and `--modes baseline,project,liger` in the
