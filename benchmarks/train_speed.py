@@ -104,8 +104,9 @@ class Clock(TrainerCallback):
     slowing the timed steps: the allocator's history of the whole run (benchmarks/memtrace.py: what is
     alive at the peak) and a py-spy recording of the host's Python stacks over the timed steps."""
 
-    def __init__(self, collator, warm, stop, profile=0, memory_trace=False, pyspy=None):
+    def __init__(self, collator, warm, stop, profile=0, memory_trace=False, pyspy=None, label=""):
         self.collator, self.warm, self.stop, self.profile = collator, warm, stop, profile
+        self.label, self.started = label, time.perf_counter()  # progress lines: where a cut call stopped
         self.memory_trace, self.pyspy = memory_trace and torch.cuda.is_available(), pyspy
         self.t0 = self.tok0 = self.dt = self.tokens = self.prof = self.memory = self.spy = None
         self.load_peak = 0
@@ -127,6 +128,9 @@ class Clock(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kw):
         step = state.global_step
+        if self.label and (step in (1, self.warm, self.stop) or step % 10 == 0):
+            print(f"  {self.label}: step {step}/{self.stop} ({time.perf_counter() - self.started:.0f} s since the "
+                  "model was built)", flush=True)
         if step in (self.warm, self.stop):
             sync()
         if step == self.warm and self.pyspy:
@@ -265,11 +269,14 @@ def run(mode, settings, model_dir, feats, tok, a, spy_file=None):
         torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
     t_load = time.perf_counter()
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"  {mode}: building the model ({world_size()} process(es))", flush=True)
     trainer_name = mode.split("+")[0]
     model = build_model(trainer_name, model_dir, tok, p, a)
     t_load = time.perf_counter() - t_load
     collator = Counting(collate.collator(p, tok))
-    clock = Clock(collator, a.warmup, a.steps, a.profile, a.memory_trace, spy_file)
+    clock = Clock(collator, a.warmup, a.steps, a.profile, a.memory_trace, spy_file,
+                  label=mode if int(os.environ.get("RANK", 0)) == 0 else "")
     out = Path(a.work) / "run"
     args = training_args(p, out, len(feats))
     args.save_strategy, args.disable_tqdm = "no", True
@@ -352,8 +359,11 @@ def over_processes(a, argv) -> None:
         out = Path(a.work) / f"processes-{n}.json"
         out.unlink(missing_ok=True)
         cmd = launch.accelerate_command(n, cpu=a.device == "cpu") + [__file__, *rest, "--json", str(out)]
+        print(f"--- {n} process(es): {' '.join(cmd[:4])} ...", flush=True)
         rc = subprocess.run(cmd, env=launch.environment()).returncode
         result["runs"][n] = json.loads(out.read_text()) if out.exists() else {"error": f"exit {rc}"}
+        if a.json:  # after each count: a call cut during the next keeps this one
+            Path(a.json).write_text(json.dumps(result, indent=1))
     one = {r["mode"]: r for r in result["runs"].get(counts[0], {}).get("rows", []) if "error" not in r}
     for n in counts[1:]:
         for r in result["runs"][n].get("rows", []):

@@ -143,9 +143,12 @@ def test_train_speed_over_processes(tmp_path, monkeypatch):
     assert "over_1" in two  # the ratio itself is a division of the two numbers above
 
 
-def test_train_speed_modes_on_the_tiny_model(tmp_path, monkeypatch):
-    """Baseline and project (seed settings but the answer-only loss) see the same batches: same losses."""
+def test_train_speed_modes_on_the_tiny_model(tmp_path, monkeypatch, capsys):
+    """Baseline and project (seed settings but the answer-only loss) see the same batches: same losses;
+    each mode says where it is (a call cut short shows where it stopped)."""
     out = _train_speed(tmp_path, monkeypatch, "baseline,project+lean_nf4=true")
+    printed = capsys.readouterr().out
+    assert "project+lean_nf4=true: building the model" in printed and "project+lean_nf4=true: step 3/3 (" in printed
     rows = json.loads(out.read_text())["rows"]
     assert [r["mode"] for r in rows] == ["baseline", "project+lean_nf4=true"]
     assert rows[0]["settings"] == train_speed.BASELINE and rows[1]["settings"]["lean_nf4"] is True
