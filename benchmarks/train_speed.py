@@ -82,6 +82,11 @@ def base_settings(name: str, project: dict) -> dict:
             "unsloth": UNSLOTH}[name]
 
 
+def is_main() -> bool:
+    """The process that prints and writes (rank 0 under accelerate launch; the only one otherwise)."""
+    return int(os.environ.get("RANK", 0)) == 0
+
+
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -269,14 +274,14 @@ def run(mode, settings, model_dir, feats, tok, a, spy_file=None):
         torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
     t_load = time.perf_counter()
-    if int(os.environ.get("RANK", 0)) == 0:
+    if is_main():
         print(f"  {mode}: building the model ({world_size()} process(es))", flush=True)
     trainer_name = mode.split("+")[0]
     model = build_model(trainer_name, model_dir, tok, p, a)
     t_load = time.perf_counter() - t_load
     collator = Counting(collate.collator(p, tok))
     clock = Clock(collator, a.warmup, a.steps, a.profile, a.memory_trace, spy_file,
-                  label=mode if int(os.environ.get("RANK", 0)) == 0 else "")
+                  label=mode if is_main() else "")
     out = Path(a.work) / "run"
     args = training_args(p, out, len(feats))
     args.save_strategy, args.disable_tqdm = "no", True
@@ -432,17 +437,16 @@ def main():
     ap.add_argument("--json", help="write the result (loss curves included) here, after every mode")
     ap.add_argument("--processes", help="e.g. 1,2: every mode on 1 and on 2 GPUs, and the ratio")
     a = ap.parse_args()
-    names = {m.split("+")[0] for m in a.modes.split(",")}
-    if "unsloth" in names and len(names) > 1:
+    trainers = [m.split("+")[0] for m in a.modes.split(",")]
+    if "unsloth" in trainers and set(trainers) != {"unsloth"}:
         raise SystemExit("unsloth patches transformers for the whole process: give its modes an invocation "
                          "of their own (--modes unsloth), the others another, in the same call")
-    trainers = [m.split("+")[0] for m in a.modes.split(",")]
     if "liger" in trainers and set(trainers[trainers.index("liger"):]) != {"liger"}:
         raise SystemExit("Liger-Kernel patches the model's classes for the rest of the process (a later mode "
                          "would train with its kernels): put the liger modes last")
     if a.processes and world_size() == 1 and "LOCAL_RANK" not in os.environ:
         return over_processes(a, sys.argv[1:])
-    main_process = int(os.environ.get("RANK", 0)) == 0
+    main_process = is_main()
     from transformers import AutoTokenizer
 
     fp = paramfile.load(a.params)["01_finetune"]

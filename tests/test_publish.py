@@ -115,6 +115,7 @@ def test_readme_sweep_table_is_the_committed_sweep(folder):
         pytest.skip("no recipe sweep published with this study")
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     start, end = f"<!-- sweep:{folder.name}:start -->", f"<!-- sweep:{folder.name}:end -->"
+    assert start in readme and end in readme, f"README has no {start} block for the sweep published with {folder.name}"
     block = readme.split(start, 1)[1].split(end, 1)[0].strip()
     doc = json.loads((folder / report.SWEEP).read_text())
     assert block == recipe_sweep.markdown(doc)
