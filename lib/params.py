@@ -99,6 +99,9 @@ class OptimParams:
             raise ParamsError("set epochs > 0 or max_steps > 0")
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")  # torch.compile's
+
+
 @dataclass
 class SpeedParams:
     """Settings that change speed and memory, not the loss (lib/speedups.py, benchmarks/README.md)."""
@@ -111,6 +114,7 @@ class SpeedParams:
     keep_frozen_dtype: bool = False  # don't upcast frozen embeddings/norms/LM head to fp32 (peft's kbit prep does)
     cache_dequantized: bool = False  # dequantize the 4-bit weights once: same numbers, +2 bytes/weight
     compile: bool = False  # torch.compile each decoder layer
+    compile_mode: str = "default"  # torch.compile's mode for the layers: reduce-overhead = CUDA graphs (fewer launches)
     lean_nf4: bool = False  # 4-bit layers without bitsandbytes' Python wrappers (lib/nf4.py): same products
     num_processes: int = 1  # data-parallel processes (GPUs) via accelerate launch; grad_accum is split across them
 
@@ -119,6 +123,9 @@ class SpeedParams:
         _choice("head_loss", self.head_loss, ("chunked", "cce"))
         if self.head_loss == "cce":
             _needs_cce()
+        _choice("compile_mode", self.compile_mode, COMPILE_MODES)
+        if self.compile_mode != "default" and not self.compile:
+            raise ParamsError(f"compile_mode: {self.compile_mode} needs compile: true")
         if self.compile:
             import torch
 

@@ -76,9 +76,11 @@ def uncompile(model):
         layer._compiled_call_impl = None
 
 
-def compile_layers(model) -> int:
-    """torch.compile each decoder layer in place (their shared code compiles once per shape family)."""
+def compile_layers(model, mode: str = "default") -> int:
+    """torch.compile each decoder layer in place (their shared code compiles once per shape family).
+    mode "reduce-overhead" also records each layer's kernels as CUDA graphs, replayed with one launch
+    (a graph per packed-row width; CUDA only, plain compiled code on CPU)."""
     layers = decoder_layers(model)
     for layer in layers:
-        layer.compile(dynamic=True)
+        layer.compile(dynamic=True, mode=mode)
     return len(layers)

@@ -23,7 +23,7 @@ def add_lora(model, p):
     if p.lean_nf4:
         nf4.replace_4bit(model)
     if p.compile:
-        speedups.compile_layers(model)
+        speedups.compile_layers(model, p.compile_mode)
     return model
 
 

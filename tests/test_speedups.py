@@ -221,6 +221,22 @@ def test_lean_nf4_excludes_the_cache():
         params.TrainParams(model=TINY, lean_nf4=True, cache_dequantized=True).check()
 
 
+def test_compile_mode_reaches_torch_compile_and_needs_compile(monkeypatch):
+    """The recipe's compile_mode (CUDA graphs: reduce-overhead) is what each decoder layer is compiled
+    with; a mode without compile, or an unknown one, is an error naming the key."""
+    seen = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: seen.append((type(self).__name__, kw)))
+    p = params.TrainParams(model=TINY, compile=True, compile_mode="reduce-overhead")
+    p.check()
+    model = trainable.add_lora(_tiny_nf4(), p)
+    n = len(speedups.decoder_layers(model))
+    assert n > 0 and seen == [("LlamaDecoderLayer", {"dynamic": True, "mode": "reduce-overhead"})] * n
+    with pytest.raises(params.ParamsError, match="compile_mode: reduce-overhead needs compile: true"):
+        params.TrainParams(model=TINY, compile_mode="reduce-overhead").check()
+    with pytest.raises(params.ParamsError, match="compile_mode"):
+        params.TrainParams(model=TINY, compile=True, compile_mode="fast").check()
+
+
 def test_floating_point_ops_is_hf_value(tiny):
     """The cached count gives HF's own number."""
     from transformers import Trainer
