@@ -66,6 +66,8 @@ from lib import collate, data, launch, models, paramfile, params, trainable  # n
 from lib.cli import one_line_errors  # noqa: E402
 from lib.trainer import AnswerLossTrainer, training_args, world_size  # noqa: E402
 
+from gpu_meter import flops_per_token, matmul_rate, profile_summary, start_pyspy, sync  # noqa: E402  beside this file
+
 BASELINE = dict(compute_dtype="float32", answer_loss=False, head_loss="chunked", group_by_length=False, packing=False, pack_tokens=512,
                 gradient_checkpointing=True, keep_frozen_dtype=False, cache_dequantized=False, compile=False,
                 optim="adamw_torch")
@@ -85,11 +87,6 @@ def base_settings(name: str, project: dict) -> dict:
 def is_main() -> bool:
     """The process that prints and writes (rank 0 under accelerate launch; the only one otherwise)."""
     return int(os.environ.get("RANK", 0)) == 0
-
-
-def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 class Counting:
@@ -157,47 +154,6 @@ class Clock(TrainerCallback):
             sync()
             self.p_wall = time.perf_counter() - self.p0
             self.prof.__exit__(None, None, None)
-
-
-def start_pyspy(path):
-    """py-spy sampling this process's Python stacks into path (collapsed-stack text)."""
-    import os
-    import subprocess
-
-    spy = subprocess.Popen(["py-spy", "record", "--pid", str(os.getpid()), "--rate", "250", "--format", "raw",
-                            "--output", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    time.sleep(2)  # attached before the clock starts
-    return spy
-
-
-KERNEL_KINDS = (("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas")), ("dequantize", ("dequantize",)),
-                ("attention", ("fmha", "attention", "sdpa", "flash")), ("optimizer", ("multi_tensor", "adam")),
-                ("compiled", ("triton",)), ("copy/cast", ("copy", "direct_copy", "cast")))
-
-
-def kernel_kind(name: str) -> str:
-    low = name.lower()
-    return next((k for k, keys in KERNEL_KINDS if any(x in low for x in keys)), "other elementwise")
-
-
-def profile_summary(clock) -> dict:
-    """Per step: wall time vs GPU kernel time (low GPU share = launch/Python bound), kernel count, GPU
-    time by kind of kernel (gemm, dequantize, attention, ...), top kernels and top ops."""
-    events = clock.prof.key_averages()
-    n = clock.profile
-    kernels = [e for e in events if e.device_type.name == "CUDA"]  # an op's self device time is its
-    gpu_us = sum(e.self_device_time_total for e in kernels)  # kernels' time again: count kernels only
-    kinds = {}
-    for e in kernels:
-        k = kernel_kind(e.key)
-        kinds[k] = kinds.get(k, 0.0) + e.self_device_time_total / 1000 / n
-    ops = [e for e in events if e.device_type.name == "CPU" and e.self_device_time_total > 0]
-    top = lambda es: [(e.key[:70], round(e.self_device_time_total / 1000 / n, 2), e.count // n)
-                      for e in sorted(es, key=lambda e: -e.self_device_time_total)[:15]]
-    return {"wall_ms_per_step": round(clock.p_wall * 1000 / n, 1), "gpu_ms_per_step": round(gpu_us / 1000 / n, 1),
-            "kernels_per_step": sum(e.count for e in kernels) // n,
-            "gpu_ms_by_kind": {k: round(v, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
-            "top_kernels": top(kernels), "top": top(ops)}
 
 
 def random_model(config: str, folder: Path) -> Path:
@@ -311,33 +267,6 @@ def run(mode, settings, model_dir, feats, tok, a, spy_file=None):
     del trainer, model
     shutil.rmtree(out, ignore_errors=True)
     return row
-
-
-def matmul_rate(n=8192, reps=20) -> float:
-    """bf16 matmul FLOP/s this GPU reaches on large square products (the MFU denominator), measured now."""
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    n = n if dev == "cuda" else 512  # a CPU test only checks the arithmetic
-    a, b = (torch.randn(n, n, device=dev, dtype=torch.bfloat16) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    sync()
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync()
-    return 2 * n ** 3 * reps / (time.perf_counter() - t)
-
-
-def flops_per_token(model_dir, checkpointing: bool) -> float:
-    """Model FLOPs of one trained token in QLoRA: 2 x parameters for the forward, 2 x for the gradient
-    with respect to the inputs (frozen weights get none), 2 x more for the recomputed forward when
-    checkpointing; all parameters counted (embeddings included, LoRA's ~1% left out), as the 7B figure
-    of the performance issue (6 x 6.74 GFLOP)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        n = sum(x.numel() for x in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir)).parameters())
-    return 2 * n * (3 if checkpointing else 2)
 
 
 def across_processes(tokens, dt):
