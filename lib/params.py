@@ -64,10 +64,14 @@ class LoraParams:
     lora_dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    use_dora: bool = False  # DoRA (peft): LoRA on the direction of each weight plus a trained magnitude per row
 
     def check(self):
         _positive(self, "lora_r", "lora_alpha")
         _fraction("lora_dropout", self.lora_dropout)
+        for flag in ("cache_dequantized", "lean_nf4"):  # they replace the 4-bit layers DoRA reads its norms from
+            if self.use_dora and getattr(self, flag, False):
+                raise ParamsError(f"use_dora and {flag} exclude each other (DoRA needs peft's own 4-bit layers)")
 
 
 @dataclass

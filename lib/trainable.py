@@ -16,7 +16,7 @@ def add_lora(model, p):
     if missing:
         raise ValueError(f"target_modules {missing} not found in {p.model}")
     cfg = LoraConfig(r=p.lora_r, lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout, bias="none",
-                     target_modules=list(p.target_modules), task_type="CAUSAL_LM")
+                     target_modules=list(p.target_modules), task_type="CAUSAL_LM", use_dora=p.use_dora)
     model = get_peft_model(model, cfg)
     if p.cache_dequantized:
         speedups.cache_dequantized(model)

@@ -215,6 +215,30 @@ def test_lean_nf4_run_equals_the_seed_path_and_its_adapter_loads_on_bitsandbytes
     assert df.ppl.mean() == pytest.approx(s["best_ppl"], rel=1e-6)
 
 
+def test_dora_starts_as_the_base_model_trains_and_its_adapter_reloads(tmp_path):
+    """use_dora: at step 0 the model is the base model (the same evaluation as plain LoRA, whose B is 0),
+    training lowers the curve, and the saved adapter (a DoRA one) scores its best evaluation again on a
+    freshly loaded base. It excludes the layers that replace peft's 4-bit ones."""
+    from dataclasses import replace
+
+    from lib import trainable
+
+    p0 = tiny_params(max_steps=4, eval_steps=2, save_steps=4, quantization="none")
+    tr = data.load_split(p0.data_dir, "train")
+    ev = data.load_split(p0.data_dir, "public_test", limit=6)
+    lora = finetune.finetune(p0, tr, ev, tmp_path / "lora").curve
+    r = finetune.finetune(replace(p0, use_dora=True), tr, ev, tmp_path / "dora")
+    assert any("lora_magnitude_vector" in n for n, _ in r.model.named_parameters())
+    assert r.curve.eval_ppl.iloc[0] == pytest.approx(lora.eval_ppl.iloc[0], rel=1e-6)
+    assert r.curve.eval_ppl.iloc[-1] < r.curve.eval_ppl.iloc[0]
+    assert r.curve.eval_ppl.iloc[-1] != pytest.approx(lora.eval_ppl.iloc[-1], rel=1e-4)  # another method
+    model, tok = trainable.load_adapted(replace(p0, use_dora=True), tmp_path / "dora" / "best_adapter")
+    df = evaluate.score_records(model, tok, ev, [prompts.build(x["instruction"]) for x in ev], 4, p0.max_length)
+    assert df.ppl.mean() == pytest.approx(r.summary["best_ppl"], rel=1e-6)
+    with pytest.raises(params.ParamsError, match="use_dora and lean_nf4 exclude each other"):
+        tiny_params(use_dora=True, lean_nf4=True)
+
+
 # The learning curve of this run, recorded with the code before the restructuring (commit 21a97fa,
 # `python -m lib.train`, CPU) and re-recorded once since, when 4-bit weights stopped being repacked for
 # bitsandbytes' AVX512-BF16 CPU kernel in a model that trains (lib.models.no_cpu_repack): evaluations
