@@ -13,9 +13,10 @@ from .paramcheck import (ParamsError, check_types, choice as _choice, fraction a
 __all__ = ["ParamsError"]
 
 
-def method(quantization: str) -> str:
-    """What a recipe is called: LoRA on a 4-bit NF4 base is QLoRA, on a 16-bit base plain LoRA."""
-    return "QLoRA" if quantization == "nf4" else "LoRA"
+def method(quantization: str, full_finetune: bool = False) -> str:
+    """What a recipe is called: LoRA on a 4-bit NF4 base is QLoRA, on a 16-bit base plain LoRA; every
+    weight trained is full fine-tuning."""
+    return "full fine-tuning" if full_finetune else "QLoRA" if quantization == "nf4" else "LoRA"
 
 
 @dataclass
@@ -65,10 +66,14 @@ class LoraParams:
     target_modules: list[str] = field(default_factory=lambda: [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     use_dora: bool = False  # DoRA (peft): LoRA on the direction of each weight plus a trained magnitude per row
+    full_finetune: bool = False  # train every weight (fp32 master copy, 16 bytes a weight with AdamW), no adapter
 
     def check(self):
         _positive(self, "lora_r", "lora_alpha")
         _fraction("lora_dropout", self.lora_dropout)
+        if self.full_finetune and (getattr(self, "quantization", "none") != "none" or self.use_dora):
+            raise ParamsError("full_finetune trains the 16-bit weights themselves: it needs quantization: none "
+                              "and no use_dora")
         for flag in ("cache_dequantized", "lean_nf4"):  # they replace the 4-bit layers DoRA reads its norms from
             if self.use_dora and getattr(self, flag, False):
                 raise ParamsError(f"use_dora and {flag} exclude each other (DoRA needs peft's own 4-bit layers)")

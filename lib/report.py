@@ -89,8 +89,10 @@ def _chrf(scores: pd.DataFrame, setting_prefix: str) -> dict:
 
 
 def finetune_method(res) -> str:
-    """'QLoRA' or 'LoRA': how 01 fine-tuned (its base in 4-bit NF4 or in 16 bits)."""
-    return method(get(res, "01_finetune")[0]["provenance"]["params"].get("quantization", "nf4"))
+    """'QLoRA', 'LoRA' or 'full fine-tuning': how 01 fine-tuned (an adapter on a 4-bit NF4 or a 16-bit
+    base, or every weight)."""
+    used = get(res, "01_finetune")[0]["provenance"]["params"]
+    return method(used.get("quantization", "nf4"), used.get("full_finetune", False))
 
 
 def headline(res) -> pd.DataFrame:

@@ -5,9 +5,12 @@ from . import models, nf4, speedups
 
 
 def add_lora(model, p):
-    """Wrap a (4-bit) model with LoRA adapters on p.target_modules; the base stays frozen."""
+    """Wrap a (4-bit) model with LoRA adapters on p.target_modules; the base stays frozen. With
+    p.full_finetune every weight trains instead (make_full_trainable)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    if p.full_finetune:
+        return make_full_trainable(model, p)
     if p.quantization == "nf4" and not p.keep_frozen_dtype:  # frozen weights to fp32, input grads for checkpointing
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=p.gradient_checkpointing)
     else:
@@ -22,6 +25,17 @@ def add_lora(model, p):
         speedups.cache_dequantized(model)
     if p.lean_nf4:
         nf4.replace_4bit(model)
+    if p.compile:
+        speedups.compile_layers(model, p.compile_mode)
+    return model
+
+
+def make_full_trainable(model, p):
+    """Every weight trainable, held in fp32: bf16 weights would lose most updates of a small learning rate
+    to rounding, so they are the master copy and autocast computes in p.compute_dtype, as for LoRA."""
+    model = model.float().requires_grad_(True)
+    if p.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if p.compile:
         speedups.compile_layers(model, p.compile_mode)
     return model
@@ -47,8 +61,11 @@ def tokens_per_char(tok, records) -> float:
 
 
 def load_adapted(p, adapter_dir):
-    """(model, tokenizer): p.model loaded as for training (no speed settings) with a saved adapter."""
+    """(model, tokenizer): p.model loaded as for training (no speed settings) with a saved adapter; a full
+    fine-tuning's folder holds the whole model (in fp32, as it trained)."""
     from peft import PeftModel
 
+    if p.full_finetune:
+        return models.load_model(str(adapter_dir), "none", "float32", p.device).eval(), models.load_tokenizer(p.model)
     base = models.load_model(p.model, p.quantization, p.compute_dtype, p.device)
     return PeftModel.from_pretrained(base, adapter_dir).eval(), models.load_tokenizer(p.model)

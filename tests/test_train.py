@@ -239,6 +239,34 @@ def test_dora_starts_as_the_base_model_trains_and_its_adapter_reloads(tmp_path):
         tiny_params(use_dora=True, lean_nf4=True)
 
 
+def test_full_finetune_trains_every_weight_and_its_model_reloads(tmp_path):
+    """full_finetune: every weight trains (none frozen, no adapter); step 0 and the first training loss
+    are plain LoRA's (both start as the base model on the same batch); the curve falls; the saved best
+    model scores its best evaluation again when loaded as a model of its own; 4-bit bases are refused."""
+    from dataclasses import replace
+
+    from lib import trainable
+
+    p0 = tiny_params(max_steps=4, eval_steps=2, save_steps=4, quantization="none")
+    tr = data.load_split(p0.data_dir, "train")
+    ev = data.load_split(p0.data_dir, "public_test", limit=6)
+    lora = finetune.finetune(p0, tr, ev, tmp_path / "lora").curve
+    p = replace(p0, full_finetune=True, learning_rate=1e-3)
+    r = finetune.finetune(p, tr, ev, tmp_path / "full")
+    n, total = trainable.trainable_params(r.model)
+    assert n == total and all(x.dtype == torch.float32 for x in r.model.parameters())
+    assert not (tmp_path / "full" / "best_adapter" / "adapter_config.json").exists()
+    assert r.curve.eval_ppl.iloc[0] == pytest.approx(lora.eval_ppl.iloc[0], rel=1e-6)
+    assert r.curve.train_loss.dropna().iloc[0] == pytest.approx(lora.train_loss.dropna().iloc[0], rel=1e-5)
+    assert r.curve.eval_ppl.iloc[-1] < r.curve.eval_ppl.iloc[0]
+    model, tok = trainable.load_adapted(p, tmp_path / "full" / "best_adapter")
+    df = evaluate.score_records(model, tok, ev, [prompts.build(x["instruction"]) for x in ev], 4, p.max_length)
+    assert df.ppl.mean() == pytest.approx(r.summary["best_ppl"], rel=1e-6)
+    assert params.method(p.quantization, p.full_finetune) == "full fine-tuning"
+    with pytest.raises(params.ParamsError, match="full_finetune .* needs quantization: none"):
+        tiny_params(full_finetune=True)  # the default quantization is nf4
+
+
 # The learning curve of this run, recorded with the code before the restructuring (commit 21a97fa,
 # `python -m lib.train`, CPU) and re-recorded once since, when 4-bit weights stopped being repacked for
 # bitsandbytes' AVX512-BF16 CPU kernel in a model that trains (lib.models.no_cpu_repack): evaluations
