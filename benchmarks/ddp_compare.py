@@ -18,8 +18,10 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from lib import paramfile, params, plots, results  # noqa: E402
+from lib import models, paramfile, params, plots, results  # noqa: E402
 from lib.cli import one_line_errors  # noqa: E402
+
+from gpu_meter import flops_per_token, matmul_rate  # noqa: E402  beside this file
 
 
 def run(p, n: int, out: Path) -> dict:
@@ -29,6 +31,14 @@ def run(p, n: int, out: Path) -> dict:
         return {"processes": n, "error": f"exit {r.returncode}"}
     summary = json.loads((out / f"n{n}" / "summary.json").read_text())
     return {"processes": n, "summary": summary, "curve": pd.read_csv(out / f"n{n}" / "curve.csv")}
+
+
+def speed(r: dict, flops_token: float, rate: float) -> dict:
+    """tokens/s of a finished run (its typical step: the median, without compile warm-up) and its model
+    FLOP utilisation per GPU against the bf16 matmul rate measured in this run."""
+    s = r["summary"]
+    tokens_s = s["tokens_per_step"] / s["median_s_per_step"]
+    return {"tokens_per_s": round(tokens_s), "mfu": tokens_s / r["processes"] * flops_token / rate}
 
 
 def main():
@@ -42,8 +52,16 @@ def main():
     p = dataclasses.replace(p, **paramfile.parse_changes(a.changes, params.TrainParams))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    rate = matmul_rate()  # before the runs, on an idle GPU
     one, many = run(p, 1, out), run(p, a.processes, out)
+    flops_token = flops_per_token(models.model_path(p.model), p.gradient_checkpointing)
+    for r in (one, many):
+        if "summary" in r:
+            r |= speed(r, flops_token, rate)
+            print(f"{r['processes']} process(es): {r['tokens_per_s']} tokens/s, MFU {r['mfu'] * 100:.1f}% a GPU "
+                  f"(bf16 matmul rate measured here: {rate / 1e12:.1f} TFLOP/s)", flush=True)
     doc = {"params": p.to_dict(), "hardware": results.hardware(), "versions": results.versions(),
+           "matmul_flops_per_s": rate, "git": results.git_state(),
            "runs": [{k: v for k, v in r.items() if k != "curve"} | (
                {"curve": r["curve"].to_dict(orient="records")} if "curve" in r else {}) for r in (one, many)]}
     if "curve" in one and "curve" in many:

@@ -101,6 +101,13 @@ def test_last_eval_is_a_runs_latest_evaluation(tmp_path):
     assert recipe_sweep.last_eval(log) == "step 2: eval ppl 11.25"
 
 
+def tiny_params_by_hand() -> int:
+    """The tiny Llama's parameters counted by hand: embeddings + LM head 2 x V x 64, per layer (2) 4
+    attention (q, o 64x64; k, v 64x32), 3 MLP 64x128, 2 norms; final norm."""
+    v = json.loads((Path(TINY) / "config.json").read_text())["vocab_size"]
+    return 2 * v * 64 + 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64) + 64
+
+
 def test_ddp_compare_on_cpu(tmp_path, monkeypatch):
     """ddp_compare: 1 and 2 processes (gloo) of the same recipe, both curves kept, equal, and a ratio of
     the typical step times."""
@@ -119,6 +126,13 @@ def test_ddp_compare_on_cpu(tmp_path, monkeypatch):
     s1, s2 = (r["summary"] for r in doc["runs"])
     assert doc["speedup"] == pytest.approx(s1["median_s_per_step"] / s2["median_s_per_step"])
     assert (tmp_path / "o" / "ddp_curves.png").exists()
+    # tokens/s and MFU of each run: its tokens a step (4 records of the sample: a few dozen tokens each)
+    # over its typical step, and per process against the matmul rate measured in the run
+    assert s1["tokens_per_step"] == s2["tokens_per_step"] and 4 * 10 < s1["tokens_per_step"] < 4 * 512
+    for r, s in zip(doc["runs"], (s1, s2)):
+        assert r["tokens_per_s"] == round(s["tokens_per_step"] / s["median_s_per_step"])
+        assert r["mfu"] * doc["matmul_flops_per_s"] * r["processes"] == pytest.approx(
+            s["tokens_per_step"] / s["median_s_per_step"] * 6 * tiny_params_by_hand(), rel=1e-6)
 
 
 def _train_speed(tmp_path, monkeypatch, modes, *more):
@@ -153,12 +167,9 @@ def test_train_speed_modes_on_the_tiny_model(tmp_path, monkeypatch, capsys):
     assert [r["mode"] for r in rows] == ["baseline", "project+lean_nf4=true"]
     assert rows[0]["settings"] == train_speed.BASELINE and rows[1]["settings"]["lean_nf4"] is True
     assert all(r["tokens_per_s"] > 0 and len(r["losses"]) == 3 for r in rows)
-    # MFU = tokens/s x FLOPs per token / the matmul rate measured in the run; the tiny Llama's parameters
-    # counted by hand: embeddings + LM head 2 x V x 64, per layer 4 attention (q, o 64x64; k, v 64x32),
-    # 3 MLP 64x128, 2 norms; final norm
+    # MFU = tokens/s x FLOPs per token / the matmul rate measured in the run
     doc = json.loads(out.read_text())
-    v = json.loads((Path(TINY) / "config.json").read_text())["vocab_size"]
-    n = 2 * v * 64 + 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64) + 64
+    n = tiny_params_by_hand()
     for r in rows:
         per_token = 2 * n * (3 if r["settings"]["gradient_checkpointing"] else 2)
         assert r["mfu"] == pytest.approx(r["tokens_per_s"] * per_token / doc["matmul_flops_per_s"], rel=0.05)
