@@ -23,6 +23,8 @@ def decoding_kwargs(g) -> dict:
           "repetition_penalty": g.repetition_penalty}
     if g.do_sample:
         kw.update(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
+    if g.num_beams > 1:
+        kw["length_penalty"] = g.length_penalty
     return kw
 
 

@@ -199,6 +199,7 @@ class GenerateParams:
     top_k: int = 50
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    length_penalty: float = 1.0  # beam search only: > 1 favours longer answers (chrF weighs recall twice)
     gen_batch_size: int = 16
     first_line_only: bool = True  # answers are one line; a model given examples goes on with the next one
     quality_limit: int = 0  # chrF/BLEU of answers generated for the first N eval records (0 = all)
@@ -206,6 +207,8 @@ class GenerateParams:
     def check(self):
         _positive(self, "max_new_tokens", "num_beams", "gen_batch_size", "temperature", "top_p")
         _non_negative(self, "top_k", "quality_limit")
+        if self.length_penalty != 1.0 and self.num_beams == 1:
+            raise ParamsError("length_penalty applies to beam search only: set num_beams > 1")
 
 
 @dataclass

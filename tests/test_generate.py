@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 
 from lib import data, finetune, generate, params, prompts
@@ -38,3 +39,22 @@ def test_prediction_file_format(tmp_path):
     generate.write_predictions(tmp_path / "p.json", recs, ["甲", "乙"])
     assert json.loads((tmp_path / "p.json").read_text()) == [{"id": recs[0]["id"], "output": "甲"},
                                                              {"id": recs[1]["id"], "output": "乙"}]
+
+
+def test_beam_settings_reach_generate_and_length_penalty_needs_beams(monkeypatch):
+    """num_beams and length_penalty (beam search's length normalisation) are what model.generate gets;
+    a length penalty without beams is an error, and greedy decoding passes none (HF would warn)."""
+    from lib import models
+
+    model, tok = models.load_model(TINY, "none", "float32", "cpu"), models.load_tokenizer(TINY)
+    seen = []
+    real = model.generate
+    monkeypatch.setattr(model, "generate", lambda **kw: seen.append(kw) or real(**kw))
+    g = params.GenerateParams(num_beams=3, length_penalty=1.5, max_new_tokens=3, first_line_only=False)
+    g.check()
+    assert len(generate.generate(model, tok, ["甲", "乙丙"], g, progress=False)) == 2
+    assert (seen[0]["num_beams"], seen[0]["length_penalty"]) == (3, 1.5)
+    generate.generate(model, tok, ["甲"], params.GenerateParams(max_new_tokens=2), progress=False)
+    assert "length_penalty" not in seen[-1]
+    with pytest.raises(params.ParamsError, match="length_penalty applies to beam search only"):
+        params.GenerateParams(length_penalty=2.0).check()
