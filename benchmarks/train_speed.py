@@ -180,7 +180,7 @@ def build_model(trainer_name: str, model_dir: Path, tok, p, a):
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
         _apply_liger_kernel_to_instance(model=base)
-    return trainable.add_lora(base, p)
+    return trainable.make_trainable(base, p)
 
 
 def unsloth_model(model_dir: Path, tok, p, a):

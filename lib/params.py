@@ -129,7 +129,9 @@ class SpeedParams:
 
     def check(self):
         _positive(self, "pack_tokens", "num_processes")
-        _choice("head_loss", self.head_loss, ("chunked", "cce"))
+        from .chunked_loss import HEAD_LOSSES
+
+        _choice("head_loss", self.head_loss, tuple(HEAD_LOSSES))
         if self.head_loss == "cce":
             _needs_cce()
         _choice("compile_mode", self.compile_mode, COMPILE_MODES)

@@ -1,16 +1,23 @@
-"""The trainable model of a fine-tuning run: the base model loaded (4-bit), LoRA added, speed settings on."""
+"""The trainable model of a fine-tuning run: the base model loaded (4-bit), LoRA added (or every weight
+trainable), speed settings on."""
 from transformers import set_seed
 
 from . import models, nf4, speedups
 
 
+def make_trainable(model, p):
+    """The loaded base model made trainable as p says: LoRA adapters (add_lora) or, with p.full_finetune,
+    every weight (full_weights); then the speed settings that apply to both."""
+    model = full_weights(model, p) if p.full_finetune else add_lora(model, p)
+    if p.compile:
+        speedups.compile_layers(model, p.compile_mode)
+    return model
+
+
 def add_lora(model, p):
-    """Wrap a (4-bit) model with LoRA adapters on p.target_modules; the base stays frozen. With
-    p.full_finetune every weight trains instead (make_full_trainable)."""
+    """Wrap a (4-bit) model with LoRA adapters on p.target_modules; the base stays frozen."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    if p.full_finetune:
-        return make_full_trainable(model, p)
     if p.quantization == "nf4" and not p.keep_frozen_dtype:  # frozen weights to fp32, input grads for checkpointing
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=p.gradient_checkpointing)
     else:
@@ -25,19 +32,15 @@ def add_lora(model, p):
         speedups.cache_dequantized(model)
     if p.lean_nf4:
         nf4.replace_4bit(model)
-    if p.compile:
-        speedups.compile_layers(model, p.compile_mode)
     return model
 
 
-def make_full_trainable(model, p):
+def full_weights(model, p):
     """Every weight trainable, held in fp32: bf16 weights would lose most updates of a small learning rate
     to rounding, so they are the master copy and autocast computes in p.compute_dtype, as for LoRA."""
     model = model.float().requires_grad_(True)
     if p.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if p.compile:
-        speedups.compile_layers(model, p.compile_mode)
     return model
 
 
@@ -45,7 +48,7 @@ def build(p):
     """(model with LoRA, tokenizer) for p.model under p's quantization, dtype and speed settings."""
     tok = models.load_tokenizer(p.model)
     set_seed(p.seed)  # LoRA's A matrices are drawn at wrap time, before the Trainer seeds anything
-    return add_lora(models.load_model(p.model, p.quantization, p.compute_dtype, p.device), p), tok
+    return make_trainable(models.load_model(p.model, p.quantization, p.compute_dtype, p.device), p), tok
 
 
 def trainable_params(model) -> tuple[int, int]:

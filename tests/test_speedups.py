@@ -78,7 +78,7 @@ def test_cache_dequantized_gives_the_same_logits_and_replaces_every_4bit_layer()
 def _step(p, feats, tok):
     """Loss and LoRA gradients of one training step of the tiny model under params p."""
     torch.manual_seed(0)
-    model = trainable.add_lora(_tiny_nf4(p.compute_dtype), p)
+    model = trainable.make_trainable(_tiny_nf4(p.compute_dtype), p)
     model.train()
     batch = collate.PadCollator(tok.pad_token_id)(feats)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=p.compute_dtype == "bfloat16"):
@@ -122,7 +122,7 @@ def test_answer_loss_runs_lora_under_bf16_autocast(tiny):
     _, _, tok = tiny
     feats, _, _ = collate.encode_examples(tok, data.load_split("data/sample", "train", limit=2), "course", 2048)
     batch = collate.PadCollator(tok.pad_token_id)(feats)
-    model = trainable.add_lora(_tiny_nf4("bfloat16"), params.TrainParams(model=TINY, compute_dtype="bfloat16",
+    model = trainable.make_trainable(_tiny_nf4("bfloat16"), params.TrainParams(model=TINY, compute_dtype="bfloat16",
                                                                       keep_frozen_dtype=True))
     seen = []
     lora_a = next(m for n, m in model.named_modules() if n.endswith("lora_A.default"))
@@ -142,7 +142,7 @@ def test_compiled_layers_evaluate_eagerly_and_uncompile(tiny, sample_eval):
 
     _, _, tok = tiny
     p = params.TrainParams(model=TINY, compile=True)
-    model = trainable.add_lora(_tiny_nf4(), p)
+    model = trainable.make_trainable(_tiny_nf4(), p)
     layers = speedups.decoder_layers(model)
     assert all(layer._compiled_call_impl is not None for layer in layers)
     recs = sample_eval[:3]
@@ -228,7 +228,7 @@ def test_compile_mode_reaches_torch_compile_and_needs_compile(monkeypatch):
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: seen.append((type(self).__name__, kw)))
     p = params.TrainParams(model=TINY, compile=True, compile_mode="reduce-overhead")
     p.check()
-    model = trainable.add_lora(_tiny_nf4(), p)
+    model = trainable.make_trainable(_tiny_nf4(), p)
     n = len(speedups.decoder_layers(model))
     assert n > 0 and seen == [("LlamaDecoderLayer", {"dynamic": True, "mode": "reduce-overhead"})] * n
     with pytest.raises(params.ParamsError, match="compile_mode: reduce-overhead needs compile: true"):
