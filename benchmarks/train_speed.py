@@ -64,7 +64,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project, also when accelerate runs this file
 from lib import collate, data, launch, models, paramfile, params, trainable  # noqa: E402
 from lib.cli import one_line_errors  # noqa: E402
-from lib.trainer import AnswerLossTrainer, training_args, world_size  # noqa: E402
+from lib.trainer import AnswerLossTrainer, is_main, training_args, world_size  # noqa: E402
 
 from gpu_meter import flops_per_token, matmul_rate, profile_summary, start_pyspy, sync  # noqa: E402  beside this file
 
@@ -82,11 +82,6 @@ def base_settings(name: str, project: dict) -> dict:
     (the model's own loss, which Liger fuses), or unsloth's."""
     return {"baseline": BASELINE, "project": project, "liger": dict(project, answer_loss=False, compile=False),
             "unsloth": UNSLOTH}[name]
-
-
-def is_main() -> bool:
-    """The process that prints and writes (rank 0 under accelerate launch; the only one otherwise)."""
-    return int(os.environ.get("RANK", 0)) == 0
 
 
 class Counting:

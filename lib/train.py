@@ -5,13 +5,13 @@ CCT_DEBUG=1 for the traceback); Ctrl-C prints how to resume.
 """
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 from . import data, paramfile, resolve
 from .cli import one_line_errors
 from .finetune import finetune
+from .trainer import is_main
 
 
 def main(argv=None) -> int:
@@ -25,7 +25,7 @@ def main(argv=None) -> int:
         tr = data.load_split(p.data_dir, "train", limit=p.train_limit)
         ev = data.load_split(p.data_dir, p.eval_split, limit=p.eval_limit)
         result = finetune(p, tr, ev, out)
-        if os.environ.get("RANK", "0") == "0":  # one summary line, not one per process
+        if is_main():  # one summary line, not one per process
             print(json.dumps(result.summary))
     return cli.code
 

@@ -21,6 +21,11 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
 
 
+def is_main() -> bool:
+    """The process that prints and writes (rank 0 under accelerate launch; the only one otherwise)."""
+    return int(os.environ.get("RANK", 0)) == 0
+
+
 def planned_steps(p, n_train) -> int:
     """Optimizer steps the run will take (the same on 1 or N processes: the effective batch is fixed)."""
     if p.max_steps > 0:
