@@ -95,6 +95,15 @@ def finetune_method(res) -> str:
     return method(used.get("quantization", "nf4"), used.get("full_finetune", False))
 
 
+def tuned_setting(ft_doc) -> str:
+    """What 01 kept and how it decoded: 'best adapter (step 500)', 'best model (step 625), 4 beams' (full
+    fine-tuning keeps the whole model; chrF depends on the decoding)."""
+    used = ft_doc["provenance"]["params"]
+    kept = "best model" if used.get("full_finetune", False) else "best adapter"
+    beams = used.get("num_beams", 1)
+    return f"{kept} (step {ft_doc['summary']['best_step']})" + (f", {beams} beams" if beams > 1 else "")
+
+
 def headline(res) -> pd.DataFrame:
     """Zero-shot / best few-shot / fine-tuned (QLoRA or LoRA) per direction: mean ppl, bits per char, chrF;
     the seed beside."""
@@ -111,7 +120,7 @@ def headline(res) -> pd.DataFrame:
     rows = [("zero-shot", "zero-shot", "course prompt", _by_direction(zs[zs.template == "course"]),
              _chrf(fs["quality"], "zero-shot")),
             ("few-shot", "few-shot", f"{best['strategy']}, k={best['k']}", _by_direction(few), _chrf(fs["quality"], "few-shot")),
-            ("fine-tuned", finetune_method(res), f"best adapter (step {ft_doc['summary']['best_step']})", tuned,
+            ("fine-tuned", finetune_method(res), tuned_setting(ft_doc), tuned,
              _chrf(ft["quality"], ""))]  # 01's quality rows are all the fine-tuned model's
     out = []
     for kind, name, setting, values, chrf in rows:

@@ -133,3 +133,21 @@ def test_published_report_shows_its_recipe_sweep(folder):
     doc = json.loads((folder / report.SWEEP).read_text())
     table = next(t for t in pd.read_html(folder / "05_report.html") if "changes" in t.columns)
     assert table.best_ppl.tolist() == pytest.approx([r["best_ppl"] for r in doc["rows"]], abs=5e-4)
+
+
+def test_a_full_finetuning_run_is_reported_with_its_kept_model_and_decoding(tmp_path):
+    """01 with every weight trained and 4-beam decoding: the headline says full fine-tuning, that the best
+    model (not an adapter) was kept, and the beams its chrF was measured with; a greedy LoRA run says
+    neither."""
+    import json
+    import shutil
+
+    folder = shutil.copytree(ROOT / "reports/course-H200", tmp_path / "study")
+    tuned = report.headline(report.load_all(folder)).iloc[-1]
+    assert (tuned.method, tuned.setting) == ("QLoRA", "best adapter (step 500)")
+    doc_path = folder / "01_finetune" / "results.json"
+    doc = json.loads(doc_path.read_text())
+    doc["provenance"]["params"] |= {"quantization": "none", "full_finetune": True, "num_beams": 4}
+    doc_path.write_text(json.dumps(doc))
+    tuned = report.headline(report.load_all(folder)).iloc[-1]
+    assert (tuned.method, tuned.setting) == ("full fine-tuning", "best model (step 500), 4 beams")
