@@ -50,6 +50,7 @@ if "unsloth" in modes_arg(sys.argv):
     import unsloth  # noqa: F401  before transformers and peft, which it patches (its modes run alone)
 
 import argparse
+import copy
 import gc
 import json
 import os
@@ -178,13 +179,36 @@ def build_model(trainer_name: str, model_dir: Path, tok, p, a):
     return trainable.make_trainable(base, p)
 
 
+PAD_CANDIDATES = ("<|fim_pad|>", "<|vision_pad|>", "<pad>", "<unk>")  # existing tokens that can pad
+
+
+def unsloth_folder(model_dir: Path, tok, dest: Path) -> Path:
+    """A folder for unsloth to load: the model's files linked, and the tokenizer saved beside them with a
+    pad token that is not EOS. unsloth loads the tokenizer from the model's folder and refuses pad == EOS;
+    when the vocabulary names no reserved pad among its special tokens (the GGUF-converted Qwen tokenizer
+    lists three) it adds one and then stops ("Could not find a valid pad token"). Pads are masked out of
+    attention and loss, so which token pads changes nothing else. The model's own folder stays untouched."""
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    for f in Path(model_dir).iterdir():
+        if f.is_file() and not f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "added_tokens")):
+            (dest / f.name).symlink_to(f.resolve())
+    tok = copy.deepcopy(tok)  # the benchmark's own tokenizer keeps its pad
+    if tok.pad_token is None or tok.pad_token == tok.eos_token:
+        vocab = tok.get_vocab()
+        pad = next((x for x in PAD_CANDIDATES if x in vocab and x != tok.eos_token), None)
+        if pad is not None:  # an existing token: the vocabulary does not grow
+            tok.add_special_tokens({"pad_token": pad})
+    tok.save_pretrained(dest)
+    return dest
+
+
 def unsloth_model(model_dir: Path, tok, p, a):
     """unsloth's 4-bit model with its LoRA on the same projections, rank and alpha."""
     from unsloth import FastLanguageModel
 
-    if not (Path(model_dir) / "tokenizer_config.json").exists():
-        tok.save_pretrained(model_dir)  # unsloth loads the tokenizer from the model's folder
-    model, _ = FastLanguageModel.from_pretrained(model_name=str(model_dir), max_seq_length=a.max_length,
+    folder = unsloth_folder(model_dir, tok, Path(a.work) / "unsloth-model")
+    model, _ = FastLanguageModel.from_pretrained(model_name=str(folder), max_seq_length=a.max_length,
                                                  dtype=torch.bfloat16, load_in_4bit=True)
     return FastLanguageModel.get_peft_model(
         model, r=p.lora_r, lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout, target_modules=list(p.target_modules),

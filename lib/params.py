@@ -137,6 +137,12 @@ class SpeedParams:
         _choice("compile_mode", self.compile_mode, COMPILE_MODES)
         if self.compile_mode != "default" and not self.compile:
             raise ParamsError(f"compile_mode: {self.compile_mode} needs compile: true")
+        if self.compile_mode in ("reduce-overhead", "max-autotune") and self.gradient_checkpointing:
+            # measured on an H100 (benchmarks/README.md): the recomputed forward replays a layer's graph and
+            # overwrites the outputs the backward still needs ("accessing tensor output of CUDAGraphs that
+            # has been overwritten by a subsequent run")
+            raise ParamsError(f"compile_mode: {self.compile_mode} (CUDA graphs) fails under gradient_checkpointing: "
+                              "set gradient_checkpointing: false or compile_mode: default")
         if self.compile:
             import torch
 

@@ -321,3 +321,22 @@ def test_bundle_travels_in_chunks_and_sets_up_a_device(tmp_path):
     staged.write_bytes(b"x" + staged.read_bytes()[1:])
     r = call(bad, chunks[-1], "bash .stD/setup.sh")
     assert r.returncode != 0 and "setup done" not in r.stdout and not (bad / "site" / "demo_pkg").exists()
+
+
+def test_unsloth_gets_a_folder_whose_pad_is_not_eos(tmp_path):
+    """unsloth stops on a tokenizer padding with EOS (the converted Qwen tokenizer did, on the H100): its
+    folder links the model's weights and holds the tokenizer with an existing non-EOS token as pad, the
+    vocabulary unchanged; the tokenizer passed in and the model's own folder are left alone."""
+    from transformers import AutoTokenizer
+
+    from lib import models
+
+    tok = models.load_tokenizer(TINY)
+    tok.pad_token = tok.eos_token  # as the converted Qwen tokenizer had it
+    size = len(tok)
+    folder = train_speed.unsloth_folder(Path(TINY), tok, tmp_path / "u")
+    saved = AutoTokenizer.from_pretrained(folder)
+    assert (saved.pad_token, saved.eos_token, len(saved)) == ("<pad>", "</s>", size)
+    assert tok.pad_token == "</s>"  # the caller's tokenizer keeps its pad
+    assert (folder / "config.json").is_symlink() and (folder / "config.json").resolve() == (Path(TINY) / "config.json").resolve()
+    assert models.load_tokenizer(TINY).pad_token == "<pad>"  # the model's folder untouched

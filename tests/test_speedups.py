@@ -226,11 +226,14 @@ def test_compile_mode_reaches_torch_compile_and_needs_compile(monkeypatch):
     with; a mode without compile, or an unknown one, is an error naming the key."""
     seen = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: seen.append((type(self).__name__, kw)))
-    p = params.TrainParams(model=TINY, compile=True, compile_mode="reduce-overhead")
+    p = params.TrainParams(model=TINY, compile=True, compile_mode="reduce-overhead", gradient_checkpointing=False)
     p.check()
     model = trainable.make_trainable(_tiny_nf4(), p)
     n = len(speedups.decoder_layers(model))
     assert n > 0 and seen == [("LlamaDecoderLayer", {"dynamic": True, "mode": "reduce-overhead"})] * n
+    with pytest.raises(params.ParamsError, match="fails under gradient_checkpointing"):
+        params.TrainParams(model=TINY, compile=True, compile_mode="reduce-overhead").check()  # as on the H100
+    params.TrainParams(model=TINY, compile=True, compile_mode="max-autotune-no-cudagraphs").check()  # no graphs
     with pytest.raises(params.ParamsError, match="compile_mode: reduce-overhead needs compile: true"):
         params.TrainParams(model=TINY, compile_mode="reduce-overhead").check()
     with pytest.raises(params.ParamsError, match="compile_mode"):
