@@ -30,7 +30,25 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from lib import embedded  # noqa: E402
 
-CHUNK_BYTES = 56 * 2 ** 20  # with the tree (~4 MB), under the 64 MiB a call carries
+CALL_BYTES = 64 * 2 ** 20  # what one device call carries: the working tree and the carried folders
+MARGIN = 2 * 2 ** 20  # the scripts in .stD/ and files added before the staging calls
+
+
+def tree_bytes(root: Path) -> int:
+    """The working tree a call sends: tracked and untracked, not ignored, files (git's view)."""
+    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
+                         capture_output=True).stdout
+    return sum((root / f).stat().st_size for f in out.decode().split("\0") if f and (root / f).is_file())
+
+
+def chunk_bytes(root: Path) -> int:
+    """The largest chunk that travels beside this tree. The tree grows with every published study (56 MiB
+    chunks failed once it passed 8 MiB), so it is measured, not assumed."""
+    size = CALL_BYTES - tree_bytes(root) - MARGIN
+    if size < 8 * 2 ** 20:
+        raise SystemExit(f"the working tree of {root} takes {tree_bytes(root) / 2 ** 20:.1f} MiB of the "
+                         f"{CALL_BYTES / 2 ** 20:.0f} MiB a call carries: too little room for chunks")
+    return size
 
 
 def model_wheels(names) -> list[Path]:
@@ -106,7 +124,7 @@ def main(argv=None):
     ap.add_argument("--wheels", nargs="*", default=[], help="folders of wheels to install into the image's Python")
     ap.add_argument("--models", nargs="*", default=[], help=f"embedded models: {', '.join(embedded.EMBEDDED)}")
     ap.add_argument("--data", help="a folder of the course's JSON files (train, public_test, private_test)")
-    ap.add_argument("--chunk-bytes", type=int, default=CHUNK_BYTES)
+    ap.add_argument("--chunk-bytes", type=int, help="default: 64 MiB less the working tree and 2 MiB")
     ap.add_argument("--root", default=str(ROOT), help="the repository root (where the folders go)")
     ap.add_argument("--scripts-only", action="store_true")
     a = ap.parse_args(argv)
@@ -131,7 +149,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         tar = Path(tmp) / "bundle.tar"
         sha = make_tar(tar, wheels, model_wheels(a.models), a.data)
-        n = split(tar, root, a.chunk_bytes)
+        n = split(tar, root, a.chunk_bytes or chunk_bytes(root))
     scripts(root, sha, n, a.models, commit, a.data is not None)
     meta.write_text(json.dumps({"sha256": sha, "chunks": n, "models": a.models, "data": a.data is not None}))
     exclude = root / ".git" / "info" / "exclude"

@@ -340,3 +340,24 @@ def test_unsloth_gets_a_folder_whose_pad_is_not_eos(tmp_path):
     assert tok.pad_token == "</s>"  # the caller's tokenizer keeps its pad
     assert (folder / "config.json").is_symlink() and (folder / "config.json").resolve() == (Path(TINY) / "config.json").resolve()
     assert models.load_tokenizer(TINY).pad_token == "<pad>"  # the model's folder untouched
+
+
+def test_bundle_chunks_leave_room_for_the_tree(tmp_path):
+    """A chunk and the working tree travel together under 64 MiB: the default chunk is 64 MiB less the
+    tree (tracked and untracked files git does not ignore) and a 2 MiB margin; no room is an error."""
+    import subprocess
+
+    import bundle
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / ".gitignore").write_text("/big-ignored\n")
+    (tmp_path / "tracked").write_bytes(b"x" * 3 * 2 ** 20)
+    subprocess.run(["git", "add", "tracked", ".gitignore"], cwd=tmp_path, check=True)
+    (tmp_path / "untracked").write_bytes(b"x" * 2 ** 20)
+    (tmp_path / "big-ignored").write_bytes(b"x" * 70 * 2 ** 20)  # stays here: not counted
+    tree = 4 * 2 ** 20 + len("/big-ignored\n")
+    assert bundle.tree_bytes(tmp_path) == tree
+    assert bundle.chunk_bytes(tmp_path) == 64 * 2 ** 20 - tree - 2 * 2 ** 20
+    (tmp_path / "untracked").write_bytes(b"x" * 56 * 2 ** 20)
+    with pytest.raises(SystemExit, match="too little room"):
+        bundle.chunk_bytes(tmp_path)
