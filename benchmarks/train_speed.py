@@ -65,7 +65,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project, also when accelerate runs this file
 from lib import collate, data, launch, models, paramfile, params, trainable  # noqa: E402
 from lib.cli import one_line_errors  # noqa: E402
-from lib.trainer import AnswerLossTrainer, is_main, training_args, world_size  # noqa: E402
+from lib.trainer import AnswerLossTrainer, is_main, no_cudnn_attention, training_args, world_size  # noqa: E402
 
 from gpu_meter import flops_per_token, matmul_rate, profile_summary, start_pyspy, sync  # noqa: E402  beside this file
 
@@ -242,6 +242,7 @@ def run(mode, settings, model_dir, feats, tok, a, spy_file=None):
                               max_steps=a.steps + a.profile, logging_steps=1, save_steps=10 ** 6, eval_steps=1,
                               lr_scheduler="constant", seed=0), **settings})
     p.check()
+    no_cudnn_attention()  # as the project's training does, for every trainer alike (NaN gradients otherwise)
     gc.collect()  # the previous mode's trainer sits in reference cycles with its optimizer state (1.2 GiB
     # at 7B): uncollected, it counted in this mode's peak
     if torch.cuda.is_available():

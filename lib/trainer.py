@@ -190,7 +190,21 @@ def _restore_cpu_n(obj, location):
 torch.serialization.register_package(11, lambda obj: None, _restore_cpu_n)
 
 
+def no_cudnn_attention():
+    """Training runs attention on the flash / memory-efficient kernels, not cuDNN's.
+
+    Measured on an H100 (torch 2.11, qwen2.5-coder-1.5b, bf16 LoRA, packed micro-batches of 8): the
+    gradient turned NaN at the first packed batch 448 tokens wide, and the run never recovered. It is
+    pytorch/pytorch#196678: cuDNN's SDPA backward (the default backend on H100/H200 since 2.11) returns
+    NaN in grad_q when a mask is passed and the length is 64 mod 128, once a row's logsumexp is below
+    ln(FLT_MAX) - which Qwen2.5's "massive activation" heads reach. Forward (evaluation, generation) is
+    unaffected, so only training switches. Process-wide, as torch's switch is.
+    """
+    torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def make_trainer(model, tok, feats, eval_records, p, out: Path, collator) -> Trainer:
+    no_cudnn_attention()
     cls = AnswerLossTrainer if p.answer_loss else Trainer
     trainer = cls(model=model, args=training_args(p, out, len(feats)), train_dataset=feats, data_collator=collator,
                   callbacks=[CurveCallback(tok, eval_records, p, out)])

@@ -71,3 +71,40 @@ def test_cce_head_loss_equals_the_chunked_one_on_gpu(cap):
     g1, g2 = h1.grad.float().flatten(), h2.grad.float().flatten()
     assert torch.nn.functional.cosine_similarity(g1, g2, dim=0) > 0.999
     assert (g2.norm() / g1.norm()).item() == pytest.approx(1, rel=1e-2)
+
+
+def test_attention_backward_is_finite_where_cudnn_gave_nan():
+    """pytorch/pytorch#196678, met on an H100 as NaN gradients in 01 (packed rows 448 wide): with a mask,
+    a length of 64 mod 128 and logits far below zero (Qwen2.5's massive-activation heads), cuDNN's SDPA
+    backward gives NaN in grad_q. After the trainer's switch the same backward is finite and equals the
+    math kernel's."""
+    import math
+
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from lib.trainer import no_cudnn_attention
+
+    def grads():
+        torch.manual_seed(0)
+        L, D = 448, 64
+        q = torch.randn(1, 1, L, D, device="cuda", dtype=torch.bfloat16) * 0.1
+        k = torch.randn(1, 1, L, D, device="cuda", dtype=torch.bfloat16) * 0.1
+        v = torch.randn(1, 1, L, D, device="cuda", dtype=torch.bfloat16)
+        q[..., 0], k[..., 0] = 1.0, -120 * math.sqrt(D)  # every logit about -120
+        q.requires_grad_()
+        mask = torch.ones(L, L, dtype=torch.bool, device="cuda").tril()[None, None]
+        F.scaled_dot_product_attention(q, k, v, attn_mask=mask).backward(torch.ones(1, 1, L, D, device="cuda",
+                                                                                    dtype=torch.bfloat16))
+        return q.grad.float()
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        no_cudnn_attention()
+        got = grads()
+        with sdpa_kernel(SDPBackend.MATH):
+            ref = grads()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got, ref, atol=1e-2, rtol=5e-2)

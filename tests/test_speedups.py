@@ -295,3 +295,20 @@ def test_the_recipes_head_loss_reaches_the_loss(tiny, tmp_path, monkeypatch):
         ref = answer_loss(model, **batch)
     n_answer = int((batch["labels"][:, 1:] != -100).sum())
     assert calls == [n_answer] and loss.item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+def test_training_keeps_attention_off_cudnn(tiny, tmp_path):
+    """Making a trainer switches cuDNN's attention off (its backward gave NaN gradients on an H100:
+    pytorch/pytorch#196678); tests/test_gpu.py checks the failing shape itself on a GPU."""
+    from lib.trainer import make_trainer
+
+    model, _, tok = tiny
+    recs = data.load_split("data/sample", "train", limit=4)
+    feats, _, _ = collate.encode_examples(tok, recs, "course", 2048)
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    try:
+        make_trainer(model, tok, feats, recs, params.TrainParams(model=TINY, max_steps=1), tmp_path,
+                     collate.PadCollator(tok.pad_token_id))
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)
