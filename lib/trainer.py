@@ -197,8 +197,8 @@ def no_cudnn_attention():
     gradient turned NaN at the first packed batch 448 tokens wide, and the run never recovered. It is
     pytorch/pytorch#196678: cuDNN's SDPA backward (the default backend on H100/H200 since 2.11) returns
     NaN in grad_q when a mask is passed and the length is 64 mod 128, once a row's logsumexp is below
-    ln(FLT_MAX) - which Qwen2.5's "massive activation" heads reach. Forward (evaluation, generation) is
-    unaffected, so only training switches. Process-wide, as torch's switch is.
+    ln(FLT_MAX) - which Qwen2.5's "massive activation" heads reach. Forward passes are unaffected, so
+    only a process that trains switches (for the rest of it: torch's switch is process-wide).
     """
     torch.backends.cuda.enable_cudnn_sdp(False)
 
