@@ -7,9 +7,12 @@ from .embedded import ModelError
 from .launch import LaunchError
 from .paramcheck import ParamsError
 from .runs import RunError
+from .trainer import TrainingDiverged
 
-# What a user can cause and fix (bad params, data, model files, run folders); anything else is a bug.
-USER_ERRORS = (ParamsError, DataError, ModelError, RunError, LaunchError, ValueError, OSError)
+# What a user can cause and fix (bad params, data, model files, run folders, a diverging recipe); anything
+# else is a bug.
+USER_ERRORS = (ParamsError, DataError, ModelError, RunError, LaunchError, TrainingDiverged, ValueError,
+               OSError)
 
 
 class one_line_errors:

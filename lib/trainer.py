@@ -34,6 +34,22 @@ def planned_steps(p, n_train) -> int:
     return math.ceil(per_epoch * p.epochs)
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss, the gradient norm or an evaluation is no longer finite: the weights are lost from here."""
+
+
+def check_finite(step: int, values: dict):
+    """Stop a run whose numbers turned NaN or infinite. HF's Trainer would go on (it even hides a NaN loss
+    in its logs behind the running mean), training NaN weights to the end and saving them; a run on an
+    H100 did so for 200 steps before anyone looked (cuDNN's attention, see no_cudnn_attention)."""
+    bad = {k: v for k, v in values.items() if v is not None and not math.isfinite(float(v))}
+    if bad:
+        what = ", ".join(f"{k} {v}" for k, v in bad.items())
+        raise TrainingDiverged(f"step {step}: {what}: training diverged and stops here (the adapter saved at "
+                               "the best evaluation and the checkpoints before this step are kept). Try a lower "
+                               "learning_rate or max_grad_norm, or compute_dtype: float32")
+
+
 class CurveCallback(TrainerCallback):
     """Course-metric perplexity on the eval set every eval_steps (and at steps 0 and last).
 
@@ -75,6 +91,7 @@ class CurveCallback(TrainerCallback):
                "eval_bits_per_char": evaluate.bits_per_char(df)}
         for d, g in df.groupby("direction"):
             row[f"eval_ppl_{d}"], row[f"eval_bits_per_char_{d}"] = float(g.ppl.mean()), evaluate.bits_per_char(g)
+        check_finite(state.global_step, {"eval_ppl": row["eval_ppl"]})
         state.log_history.append(row)
         if state.best_metric is None or row["eval_ppl"] < state.best_metric:
             state.best_metric, state.best_global_step = row["eval_ppl"], state.global_step
@@ -87,6 +104,10 @@ class CurveCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kw):
         if state.global_step == 0:
             self._evaluate(model, state)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        logs = logs or {}
+        check_finite(state.global_step, {k: logs.get(k) for k in ("loss", "grad_norm")})
 
     def on_step_begin(self, args, state, control, **kw):
         self._t = time.perf_counter()

@@ -328,3 +328,35 @@ def test_the_effective_batch_defines_the_curve(tmp_path):
     curves = [finetune.finetune(tiny_params(micro_batch_size=m, grad_accum=g, max_steps=4, eval_steps=2, save_steps=4),
                                 tr, ev, tmp_path / f"{m}x{g}").curve for m, g in ((2, 4), (8, 1))]
     assert curves[0].eval_ppl.to_numpy() == pytest.approx(curves[1].eval_ppl.to_numpy(), rel=1e-5)
+
+
+@pytest.mark.parametrize("eval_steps,caught", [(4, "eval_ppl nan"), (8, "(loss nan, )?grad_norm nan")])
+def test_a_diverging_run_stops_with_the_step_and_keeps_its_checkpoints(tmp_path, monkeypatch, eval_steps, caught):
+    """Weights turned NaN after step 3 (as cuDNN's attention did on an H100): the run stops at step 4 with
+    a one-line error naming what went NaN (its evaluation, or without one the logged gradient norm),
+    instead of training NaN to the end and saving it; the checkpoint before it and the best adapter stay;
+    a finished run is not recorded."""
+    from transformers import TrainerCallback
+
+    from lib import cli, trainer
+
+    class Poison(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kw):
+            if state.global_step == 3:
+                with torch.no_grad():
+                    next(x for n, x in model.named_parameters() if "lora_A" in n).fill_(float("nan"))
+
+    def with_poison(*a, **kw):
+        t = trainer.make_trainer(*a, **kw)
+        t.add_callback(Poison())
+        return t
+
+    monkeypatch.setattr(finetune, "make_trainer", with_poison)
+    p = tiny_params(max_steps=8, eval_steps=eval_steps, save_steps=2)
+    tr = data.load_split(p.data_dir, "train")
+    ev = data.load_split(p.data_dir, "public_test", limit=6)
+    with pytest.raises(trainer.TrainingDiverged, match=rf"^step 4: {caught}: training diverged"):
+        finetune.finetune(p, tr, ev, tmp_path)
+    assert (tmp_path / "checkpoints" / "checkpoint-2").is_dir() and (tmp_path / "best_adapter").is_dir()
+    assert not (tmp_path / "summary.json").exists()
+    assert issubclass(trainer.TrainingDiverged, cli.USER_ERRORS)  # one line in lib.train, not a traceback
