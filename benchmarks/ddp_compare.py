@@ -5,7 +5,8 @@ tokens/s of N over 1 = seconds per step of 1 over N), measured in one run.
     python benchmarks/ddp_compare.py params/course.yaml --out /tmp/ddp [--processes 2] [+key=value ...]
 
 `+key=value` changes a field of the `train` recipe (e.g. +max_steps=300 +compile=false).
-Writes DIR/ddp_compare.json and DIR/ddp_curves.png.
+Writes DIR/ddp_compare.json (after each run: a cut call keeps the 1-GPU run) and DIR/ddp_curves.png.
+Run again with the same DIR to go on: a finished run is read back, not trained again.
 """
 import argparse
 import dataclasses
@@ -53,17 +54,18 @@ def main():
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     rate = matmul_rate()  # before the runs, on an idle GPU
-    one, many = run(p, 1, out), run(p, a.processes, out)
     flops_token = flops_per_token(models.model_path(p.model), p.gradient_checkpointing)
-    for r in (one, many):
+    runs = []
+    for n in (1, a.processes):
+        r = run(p, n, out)
         if "summary" in r:
             r |= speed(r, flops_token, rate)
-            print(f"{r['processes']} process(es): {r['tokens_per_s']} tokens/s, MFU {r['mfu'] * 100:.1f}% a GPU "
+            print(f"{n} process(es): {r['tokens_per_s']} tokens/s, MFU {r['mfu'] * 100:.1f}% a GPU "
                   f"(bf16 matmul rate measured here: {rate / 1e12:.1f} TFLOP/s)", flush=True)
-    doc = {"params": p.to_dict(), "hardware": results.hardware(), "versions": results.versions(),
-           "matmul_flops_per_s": rate, "git": results.git_state(),
-           "runs": [{k: v for k, v in r.items() if k != "curve"} | (
-               {"curve": r["curve"].to_dict(orient="records")} if "curve" in r else {}) for r in (one, many)]}
+        runs.append(r)
+        doc = document(p, rate, runs)  # after each run: a call cut during the next keeps this one
+        (out / "ddp_compare.json").write_text(json.dumps(doc, indent=2, default=str))
+    one, many = runs
     if "curve" in one and "curve" in many:
         c1, cn = one["curve"].set_index("step"), many["curve"].set_index("step")
         rel = ((cn.eval_ppl - c1.eval_ppl).abs() / c1.eval_ppl).max()
@@ -73,7 +75,15 @@ def main():
         plots.save(plots.learning_curves(both, hue="run"), out / "ddp_curves.png")
         print(f"{a.processes} GPUs over 1: {doc['speedup']:.2f}x the tokens/s; curves differ by at most "
               f"{rel * 100:.2f}% (relative, eval ppl)")
-    (out / "ddp_compare.json").write_text(json.dumps(doc, indent=2, default=str))
+        (out / "ddp_compare.json").write_text(json.dumps(doc, indent=2, default=str))
+
+
+def document(p, rate, runs) -> dict:
+    """The JSON of the runs so far, with provenance."""
+    return {"params": p.to_dict(), "hardware": results.hardware(), "versions": results.versions(),
+            "matmul_flops_per_s": rate, "git": results.git_state(),
+            "runs": [{k: v for k, v in r.items() if k != "curve"} | (
+                {"curve": r["curve"].to_dict(orient="records")} if "curve" in r else {}) for r in runs]}
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ import json
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -361,3 +362,28 @@ def test_bundle_chunks_leave_room_for_the_tree(tmp_path):
     (tmp_path / "untracked").write_bytes(b"x" * 56 * 2 ** 20)
     with pytest.raises(SystemExit, match="too little room"):
         bundle.chunk_bytes(tmp_path)
+
+
+def test_ddp_compare_keeps_the_one_gpu_run_when_the_call_is_cut(tmp_path, monkeypatch):
+    """The JSON is written after each run: a call cut during the N-GPU run (as on the 2 x H100 machine)
+    still returns the 1-GPU run's curve and speed."""
+    import ddp_compare
+    import yaml
+
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(yaml.safe_dump({"common": {"model": TINY}, "train": {"max_steps": 4, "eval_steps": 2}}))
+    one = {"processes": 1, "summary": {"tokens_per_step": 100.0, "median_s_per_step": 0.5},
+           "curve": pd.DataFrame({"step": [0, 2, 4], "eval_ppl": [9.0, 8.0, 7.0]})}
+
+    def fake(p, n, out):
+        if n > 1:
+            raise KeyboardInterrupt  # the call's time limit
+        return dict(one)
+
+    monkeypatch.setattr(ddp_compare, "run", fake)
+    monkeypatch.setattr(sys, "argv", ["ddp_compare.py", str(cfg), "--out", str(tmp_path / "o")])
+    with pytest.raises(KeyboardInterrupt):
+        ddp_compare.main()
+    doc = json.loads((tmp_path / "o" / "ddp_compare.json").read_text())
+    assert len(doc["runs"]) == 1 and doc["runs"][0]["tokens_per_s"] == 200
+    assert [r["eval_ppl"] for r in doc["runs"][0]["curve"]] == [9.0, 8.0, 7.0]
