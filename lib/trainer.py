@@ -186,6 +186,7 @@ def training_args(p, out: Path, n_train: int) -> TrainingArguments:
         max_grad_norm=p.max_grad_norm, weight_decay=p.weight_decay, optim=p.optim,
         neftune_noise_alpha=p.neftune_noise_alpha or None,
         logging_steps=p.logging_steps, save_strategy="steps", save_steps=p.save_steps,
+        logging_nan_inf_filter=False,  # a NaN loss is logged as NaN (HF shows the mean so far), so check_finite sees it
         eval_strategy="no", report_to="none", seed=p.seed, data_seed=p.seed, bf16=bf16,
         use_cpu=(device_for(p.device) == "cpu"), remove_unused_columns=False,
         dataloader_num_workers=0, disable_tqdm=False, save_only_model=False,

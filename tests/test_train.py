@@ -330,7 +330,7 @@ def test_the_effective_batch_defines_the_curve(tmp_path):
     assert curves[0].eval_ppl.to_numpy() == pytest.approx(curves[1].eval_ppl.to_numpy(), rel=1e-5)
 
 
-@pytest.mark.parametrize("eval_steps,caught", [(4, "eval_ppl nan"), (8, "(loss nan, )?grad_norm nan")])
+@pytest.mark.parametrize("eval_steps,caught", [(4, "eval_ppl nan"), (8, "loss nan, grad_norm nan")])
 def test_a_diverging_run_stops_with_the_step_and_keeps_its_checkpoints(tmp_path, monkeypatch, eval_steps, caught):
     """Weights turned NaN after step 3 (as cuDNN's attention did on an H100): the run stops at step 4 with
     a one-line error naming what went NaN (its evaluation, or without one the logged gradient norm),
