@@ -19,6 +19,13 @@ def method(quantization: str, full_finetune: bool = False) -> str:
     return "full fine-tuning" if full_finetune else "QLoRA" if quantization == "nf4" else "LoRA"
 
 
+def kept(full_finetune: bool, step: int, num_beams: int = 1) -> str:
+    """What 01 keeps and how its answers are decoded: 'best adapter (step 500)', 'best model (step 625),
+    4 beams' (full fine-tuning keeps the whole model; chrF depends on the decoding)."""
+    what = "best model" if full_finetune else "best adapter"
+    return f"{what} (step {step})" + (f", {num_beams} beams" if num_beams > 1 else "")
+
+
 @dataclass
 class Common:
     """Parameters every notebook shares."""

@@ -6,7 +6,7 @@ from dataclasses import fields
 import pandas as pd
 
 from . import compare, resolve, results
-from .params import TRAIN_GROUPS, TrainParams, method
+from .params import TRAIN_GROUPS, TrainParams, kept, method
 
 SECTIONS = {"01_finetune": "fine-tuning", "02_zeroshot": "zero-shot prompts",
             "03_fewshot_sweep": "few-shot sweep", "04_plm_compare": "PLM comparison"}
@@ -96,12 +96,9 @@ def finetune_method(res) -> str:
 
 
 def tuned_setting(ft_doc) -> str:
-    """What 01 kept and how it decoded: 'best adapter (step 500)', 'best model (step 625), 4 beams' (full
-    fine-tuning keeps the whole model; chrF depends on the decoding)."""
+    """params.kept() of 01's run, from its results."""
     used = ft_doc["provenance"]["params"]
-    kept = "best model" if used.get("full_finetune", False) else "best adapter"
-    beams = used.get("num_beams", 1)
-    return f"{kept} (step {ft_doc['summary']['best_step']})" + (f", {beams} beams" if beams > 1 else "")
+    return kept(used.get("full_finetune", False), ft_doc["summary"]["best_step"], used.get("num_beams", 1))
 
 
 def headline(res) -> pd.DataFrame:
