@@ -106,5 +106,5 @@ def test_attention_backward_is_finite_where_cudnn_gave_nan():
             ref = grads()
     finally:
         torch.backends.cuda.enable_cudnn_sdp(before)
-    assert torch.isfinite(got).all()
-    assert torch.allclose(got, ref, atol=1e-2, rtol=5e-2)
+    assert torch.isfinite(got).all() and torch.isfinite(ref).all()
+    assert (got - ref).norm() / ref.norm() < 0.05  # bf16 kernels: the same gradient, not the same rounding
