@@ -44,9 +44,10 @@ def tree_bytes(root: Path) -> int:
 def chunk_bytes(root: Path) -> int:
     """The largest chunk that travels beside this tree. The tree grows with every published study (56 MiB
     chunks failed once it passed 8 MiB), so it is measured, not assumed."""
-    size = CALL_BYTES - tree_bytes(root) - MARGIN
+    tree = tree_bytes(root)
+    size = CALL_BYTES - tree - MARGIN
     if size < 8 * 2 ** 20:
-        raise SystemExit(f"the working tree of {root} takes {tree_bytes(root) / 2 ** 20:.1f} MiB of the "
+        raise SystemExit(f"the working tree of {root} takes {tree / 2 ** 20:.1f} MiB of the "
                          f"{CALL_BYTES / 2 ** 20:.0f} MiB a call carries: too little room for chunks")
     return size
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 from lib import models, paramfile, params, plots, results  # noqa: E402
 from lib.cli import one_line_errors  # noqa: E402
 
-from gpu_meter import flops_per_token, matmul_rate  # noqa: E402  beside this file
+from gpu_meter import flops_per_token, matmul_rate, mfu  # noqa: E402  beside this file
 
 
 def run(p, n: int, out: Path) -> dict:
@@ -39,7 +39,7 @@ def speed(r: dict, flops_token: float, rate: float) -> dict:
     FLOP utilisation per GPU against the bf16 matmul rate measured in this run."""
     s = r["summary"]
     tokens_s = s["tokens_per_step"] / s["median_s_per_step"]
-    return {"tokens_per_s": round(tokens_s), "mfu": tokens_s / r["processes"] * flops_token / rate}
+    return {"tokens_per_s": round(tokens_s), "mfu": mfu(tokens_s, r["processes"], flops_token, rate)}
 
 
 def main():

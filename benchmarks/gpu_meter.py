@@ -77,3 +77,9 @@ def flops_per_token(model_dir, checkpointing: bool) -> float:
     with torch.device("meta"):
         n = sum(x.numel() for x in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir)).parameters())
     return 2 * n * (3 if checkpointing else 2)
+
+
+def mfu(tokens_per_s: float, processes: int, flops_token: float, rate: float) -> float:
+    """Model FLOP utilisation of each GPU: its share of the tokens/s times the FLOPs of a token, over the
+    matmul rate measured in the same run."""
+    return tokens_per_s / processes * flops_token / rate

@@ -67,7 +67,7 @@ from lib import collate, data, launch, models, paramfile, params, trainable  # n
 from lib.cli import one_line_errors  # noqa: E402
 from lib.trainer import AnswerLossTrainer, is_main, no_cudnn_attention, training_args, world_size  # noqa: E402
 
-from gpu_meter import flops_per_token, matmul_rate, profile_summary, start_pyspy, sync  # noqa: E402  beside this file
+from gpu_meter import flops_per_token, matmul_rate, mfu, profile_summary, start_pyspy, sync  # noqa: E402  beside this file
 
 BASELINE = dict(compute_dtype="float32", answer_loss=False, head_loss="chunked", group_by_length=False, packing=False, pack_tokens=512,
                 gradient_checkpointing=True, keep_frozen_dtype=False, cache_dequantized=False, compile=False,
@@ -272,9 +272,9 @@ def run(mode, settings, model_dir, feats, tok, a, spy_file=None):
     losses = [round(r["loss"], 4) for r in trainer.state.log_history if "loss" in r][:a.steps]
     tokens, dt = across_processes(clock.tokens, clock.dt)
     # per GPU: each process's GPU against the matmul rate of this one
-    mfu = tokens / dt / world_size() * flops_per_token(model_dir, p.gradient_checkpointing) / a.matmul_rate
+    util = mfu(tokens / dt, world_size(), flops_per_token(model_dir, p.gradient_checkpointing), a.matmul_rate)
     row = {"mode": mode, "settings": settings, "tokens_per_s": round(tokens / dt), "processes": world_size(),
-           "mfu": round(mfu, 6),
+           "mfu": round(util, 6),
            "peak_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if torch.cuda.is_available() else 0.0,
            "load_peak_gib": round(clock.load_peak / 2 ** 30, 2),
            "s_per_step": round(dt / (a.steps - a.warmup), 3), "load_s": round(t_load, 1),

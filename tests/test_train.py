@@ -357,6 +357,12 @@ def test_a_diverging_run_stops_with_the_step_and_keeps_its_checkpoints(tmp_path,
     ev = data.load_split(p.data_dir, "public_test", limit=6)
     with pytest.raises(trainer.TrainingDiverged, match=rf"^step 4: {caught}: training diverged"):
         finetune.finetune(p, tr, ev, tmp_path)
-    assert (tmp_path / "checkpoints" / "checkpoint-2").is_dir() and (tmp_path / "best_adapter").is_dir()
+    import json
+    import math
+
+    state = json.loads((tmp_path / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
+    losses = [r["loss"] for r in state["log_history"] if "loss" in r]
+    assert state["global_step"] == 2 and len(losses) == 2 and all(map(math.isfinite, losses))  # resumable, sound
+    assert (tmp_path / "best_adapter" / "adapter_model.safetensors").stat().st_size > 0
     assert not (tmp_path / "summary.json").exists()
     assert issubclass(trainer.TrainingDiverged, cli.USER_ERRORS)  # one line in lib.train, not a traceback
