@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm  # the plain bar: tqdm.auto warns in kernels without ipywidgets
 
-from . import prompts
+from . import mbr, prompts
 
 
 def _left_pad(seqs, pad_id):
@@ -25,6 +25,8 @@ def decoding_kwargs(g) -> dict:
         kw.update(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
     if g.num_beams > 1:
         kw["length_penalty"] = g.length_penalty
+    if g.mbr_candidates > 1:
+        kw["num_return_sequences"] = g.mbr_candidates
     return kw
 
 
@@ -34,6 +36,8 @@ def generate(model, tok, prompts, g, progress=True) -> list[str]:
     # Right after training the model is in train mode with gradient checkpointing, under which the
     # layers silently drop the KV cache: generate() would then feed one token with no past each step.
     model.eval()
+    if g.do_sample:  # the same answers on every run (an MBR choice among samples included)
+        torch.manual_seed(getattr(g, "seed", 0))
     dev = next(model.parameters()).device
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
     encoded = [bos + tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -45,11 +49,17 @@ def generate(model, tok, prompts, g, progress=True) -> list[str]:
         ids, attn = _left_pad([encoded[i] for i in batch], pad)
         out = model.generate(input_ids=ids.to(dev), attention_mask=attn.to(dev), pad_token_id=pad,
                              eos_token_id=tok.eos_token_id, **decoding_kwargs(g))
-        for i, row in zip(batch, out[:, ids.shape[1]:]):
-            answers[i] = tok.decode(row, skip_special_tokens=True).strip()
-    if g.first_line_only:
-        answers = [a.split("\n", 1)[0].strip() for a in answers]
+        texts = [_clean(tok.decode(row, skip_special_tokens=True), g) for row in out[:, ids.shape[1]:]]
+        n = g.mbr_candidates  # generate() returns a prompt's candidates one after another
+        for k, i in enumerate(batch):
+            answers[i] = mbr.select(texts[k * n:(k + 1) * n]) if n > 1 else texts[k]
     return answers
+
+
+def _clean(text: str, g) -> str:
+    """The answer as kept (and, under MBR, as compared): stripped, first line only if asked."""
+    text = text.strip()
+    return text.split("\n", 1)[0].strip() if g.first_line_only else text
 
 
 def translate(model, tok, records, p, progress=True) -> list[str]:

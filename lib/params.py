@@ -19,11 +19,12 @@ def method(quantization: str, full_finetune: bool = False) -> str:
     return "full fine-tuning" if full_finetune else "QLoRA" if quantization == "nf4" else "LoRA"
 
 
-def kept(full_finetune: bool, step: int, num_beams: int = 1) -> str:
+def kept(full_finetune: bool, step: int, num_beams: int = 1, mbr_candidates: int = 1) -> str:
     """What 01 keeps and how its answers are decoded: 'best adapter (step 500)', 'best model (step 625),
-    4 beams' (full fine-tuning keeps the whole model; chrF depends on the decoding)."""
+    4 beams', '..., 8 beams, MBR of 8' (full fine-tuning keeps the whole model; chrF depends on the decoding)."""
     what = "best model" if full_finetune else "best adapter"
-    return f"{what} (step {step})" + (f", {num_beams} beams" if num_beams > 1 else "")
+    return (f"{what} (step {step})" + (f", {num_beams} beams" if num_beams > 1 else "")
+            + (f", MBR of {mbr_candidates}" if mbr_candidates > 1 else ""))
 
 
 @dataclass
@@ -216,6 +217,7 @@ class GenerateParams:
     repetition_penalty: float = 1.0
     length_penalty: float = 1.0  # beam search only: > 1 favours longer answers (chrF weighs recall twice)
     gen_batch_size: int = 16
+    mbr_candidates: int = 1  # > 1: generate this many (beams or samples), keep the one agreeing most with the rest (lib.mbr)
     first_line_only: bool = True  # answers are one line; a model given examples goes on with the next one
     quality_limit: int = 0  # chrF/BLEU of answers generated for the first N eval records (0 = all)
 
@@ -224,6 +226,10 @@ class GenerateParams:
         _non_negative(self, "top_k", "quality_limit")
         if self.length_penalty != 1.0 and self.num_beams == 1:
             raise ParamsError("length_penalty applies to beam search only: set num_beams > 1")
+        _positive(self, "mbr_candidates")
+        if self.mbr_candidates > self.num_beams and not self.do_sample:
+            raise ParamsError(f"mbr_candidates = {self.mbr_candidates} needs as many beams (num_beams >= "
+                              f"{self.mbr_candidates}) or sampling (do_sample: true)")
 
 
 @dataclass

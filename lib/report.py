@@ -98,7 +98,8 @@ def finetune_method(res) -> str:
 def tuned_setting(ft_doc) -> str:
     """params.kept() of 01's run, from its results."""
     used = ft_doc["provenance"]["params"]
-    return kept(used.get("full_finetune", False), ft_doc["summary"]["best_step"], used.get("num_beams", 1))
+    return kept(used.get("full_finetune", False), ft_doc["summary"]["best_step"], used.get("num_beams", 1),
+                used.get("mbr_candidates", 1))
 
 
 def headline(res) -> pd.DataFrame:

@@ -58,3 +58,39 @@ def test_beam_settings_reach_generate_and_length_penalty_needs_beams(monkeypatch
     assert "length_penalty" not in seen[-1]
     with pytest.raises(params.ParamsError, match="length_penalty applies to beam search only"):
         params.GenerateParams(length_penalty=2.0).check()
+
+
+def test_mbr_keeps_the_candidate_that_agrees_most():
+    """Hand-reasoned: 'xyz' shares no character with the others (agreement 0), 'abc' and 'abd' agree with
+    each other equally (a tie goes to the earlier, beam search's better one); a duplicate is agreement."""
+    from lib import mbr
+
+    assert mbr.select(["xyz", "abd", "abc"]) == "abd"
+    assert mbr.select(["abd", "xyz", "xyz"]) == "xyz"
+    assert mbr.select(["甲"]) == "甲"
+    with pytest.raises(ValueError):
+        mbr.select([])
+
+
+def test_mbr_decoding_picks_among_each_prompts_own_beams():
+    """Batched (left-padded) MBR equals, prompt by prompt, the selection among that prompt's own beam
+    candidates generated alone; more candidates than beams without sampling is an error."""
+    from lib import mbr, models
+
+    model, tok = models.load_model(TINY, "none", "float32", "cpu"), models.load_tokenizer(TINY)
+    g = params.GenerateParams(num_beams=4, mbr_candidates=4, max_new_tokens=5, gen_batch_size=3,
+                              first_line_only=False)
+    g.check()
+    ps = ["甲", "乙丙丁戊", "己庚"]
+    got = generate.generate(model, tok, ps, g, progress=False)
+    for prompt, answer in zip(ps, got):
+        ids = torch.tensor([[tok.bos_token_id] + tok(prompt, add_special_tokens=False)["input_ids"]])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), num_beams=4,
+                             num_return_sequences=4, max_new_tokens=5, do_sample=False,
+                             pad_token_id=tok.pad_token_id or tok.eos_token_id, eos_token_id=tok.eos_token_id)
+        beams = [tok.decode(r[ids.shape[1]:], skip_special_tokens=True).strip() for r in out]
+        assert len(set(beams)) > 1  # else the selection is trivially right
+        assert answer == mbr.select(beams)
+    with pytest.raises(params.ParamsError, match="mbr_candidates = 4 needs"):
+        params.GenerateParams(num_beams=2, mbr_candidates=4).check()
+    params.GenerateParams(do_sample=True, mbr_candidates=4).check()

@@ -107,4 +107,8 @@ def test_attention_backward_is_finite_where_cudnn_gave_nan():
     finally:
         torch.backends.cuda.enable_cudnn_sdp(before)
     assert torch.isfinite(got).all() and torch.isfinite(ref).all()
+    # Feature 0 is left out: there every key is -120*sqrt(D), so its exact gradient, -120*sqrt(D)*scale*
+    # sum_j dS_ij, is zero (a softmax's dS sums to zero) and each kernel returns only its own rounding times
+    # 960 (on an H100: 0.12 against 5e-6). The other 63 features are the gradient proper.
+    got, ref = got[..., 1:], ref[..., 1:]
     assert (got - ref).norm() / ref.norm() < 0.05  # bf16 kernels: the same gradient, not the same rounding

@@ -151,3 +151,7 @@ def test_a_full_finetuning_run_is_reported_with_its_kept_model_and_decoding(tmp_
     doc_path.write_text(json.dumps(doc))
     tuned = report.headline(report.load_all(folder)).iloc[-1]
     assert (tuned.method, tuned.setting) == ("full fine-tuning", "best model (step 500), 4 beams")
+    doc["provenance"]["params"] |= {"num_beams": 8, "mbr_candidates": 8}
+    doc_path.write_text(json.dumps(doc))
+    tuned = report.headline(report.load_all(folder)).iloc[-1]
+    assert tuned.setting == "best model (step 500), 8 beams, MBR of 8"
