@@ -242,7 +242,8 @@ def run(mode, settings, model_dir, feats, tok, a, spy_file=None):
                               max_steps=a.steps + a.profile, logging_steps=1, save_steps=10 ** 6, eval_steps=1,
                               lr_scheduler="constant", seed=0), **settings})
     p.check()
-    no_cudnn_attention()  # as the project's training does, for every trainer alike (NaN gradients otherwise)
+    if not a.cudnn_attention:
+        no_cudnn_attention()  # as the project's training does, for every trainer alike (NaN gradients otherwise)
     gc.collect()  # the previous mode's trainer sits in reference cycles with its optimizer state (1.2 GiB
     # at 7B): uncollected, it counted in this mode's peak
     if torch.cuda.is_available():
@@ -384,6 +385,9 @@ def main():
     ap.add_argument("--work", default="/tmp/train_speed")
     ap.add_argument("--device", default="auto", help="auto: the GPU of this process's local rank, else cpu")
     ap.add_argument("--json", help="write the result (loss curves included) here, after every mode")
+    ap.add_argument("--cudnn-attention", action="store_true",
+                    help="keep torch's default attention kernels (cuDNN on H100/H200): what the project's switch "
+                         "costs in speed; NaN-prone at some shapes (README)")
     ap.add_argument("--processes", help="e.g. 1,2: every mode on 1 and on 2 GPUs, and the ratio")
     a = ap.parse_args()
     trainers = [m.split("+")[0] for m in a.modes.split(",")]
@@ -407,7 +411,7 @@ def main():
     a.matmul_rate = matmul_rate()
     result = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "torch": torch.__version__, "model": a.model or a.config,
               "micro_batch": a.micro_batch, "grad_accum": a.grad_accum, "params": a.params,
-              "matmul_flops_per_s": a.matmul_rate, "rows": []}
+              "cudnn_attention": a.cudnn_attention, "matmul_flops_per_s": a.matmul_rate, "rows": []}
     if main_process:
         print(f"bf16 matmul rate measured here: {a.matmul_rate / 1e12:.1f} TFLOP/s (the MFU denominator)", flush=True)
     for i, m in enumerate(a.modes.split(","), 1):
