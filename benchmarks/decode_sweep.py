@@ -48,10 +48,11 @@ def main(argv=None):
         answers_by[name] = answers
         whole = scores[0]  # direction "all"
         print(f"{name:40s} chrF {whole['chrF']:.2f}  BLEU {whole['BLEU']:.2f}  ({secs:.0f} s)", flush=True)
-    if a.json:
-        doc = {"run": str(a.run), "adapter": a.adapter, "n": len(records), "rows": rows, "answers": answers_by,
-               "git": results.git_state(), "hardware": results.hardware(), "versions": results.versions(), "params": p.to_dict()}
-        Path(a.json).write_text(json.dumps(doc, indent=1, ensure_ascii=False))
+        if a.json:  # after every setting: a call cut during the next keeps this one (one was lost so)
+            doc = {"run": str(a.run), "adapter": a.adapter, "n": len(records), "rows": rows, "answers": answers_by,
+                   "git": results.git_state(), "hardware": results.hardware(), "versions": results.versions(),
+                   "params": p.to_dict()}
+            Path(a.json).write_text(json.dumps(doc, indent=1, ensure_ascii=False))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from lib.paramcheck import ParamsError  # noqa: E402
 from tests.tiny_model import TINY
 
 
-def test_decode_sweep_on_the_tiny_model(tmp_path):
+def test_decode_sweep_on_the_tiny_model(tmp_path, monkeypatch):
     """decode_sweep: 01's own decoding first, then each setting; the setting reaches generate() (a 2-token
     limit gives answers of at most 2 characters: one token a character here); a bad key stops it early."""
     import decode_sweep
@@ -41,6 +41,23 @@ def test_decode_sweep_on_the_tiny_model(tmp_path):
     assert any(len(x) > 2 for x in doc["answers"]["01's own"])  # 8 new tokens
     with pytest.raises(ParamsError, match="not key=value of a GenerateParams field"):
         decode_sweep.main([str(cfg), "--run", str(tmp_path / "run"), "learning_rate=1"])
+
+    # A run cut during its second setting keeps the first's rows (the cut: generate() fails on its 2nd call).
+    calls = []
+    real = decode_sweep.generate.translate
+
+    def cut_at_second(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(decode_sweep.generate, "translate", cut_at_second)
+    with pytest.raises(KeyboardInterrupt):
+        decode_sweep.main([str(cfg), "--run", str(tmp_path / "run"), "--limit", "4", "num_beams=2",
+                           "--json", str(tmp_path / "cut.json")])
+    cut = json.loads((tmp_path / "cut.json").read_text())
+    assert [r["setting"] for r in cut["rows"] if r["direction"] == "all"] == ["01's own"]
 
 
 def test_recipe_sweep_on_the_tiny_model(tmp_path, capsys):
