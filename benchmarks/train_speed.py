@@ -65,7 +65,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project, also when accelerate runs this file
 from lib import collate, data, launch, models, paramfile, params, trainable  # noqa: E402
 from lib.cli import one_line_errors  # noqa: E402
-from lib.trainer import AnswerLossTrainer, is_main, no_cudnn_attention, training_args, world_size  # noqa: E402
+from lib.trainer import AnswerLossTrainer, configure, is_main, no_cudnn_attention, training_args, world_size  # noqa: E402
 
 from gpu_meter import flops_per_token, matmul_rate, mfu, profile_summary, start_pyspy, sync  # noqa: E402  beside this file
 
@@ -266,7 +266,7 @@ def run(mode, settings, model_dir, feats, tok, a, spy_file=None):
         args.gradient_checkpointing = False  # unsloth's own checkpointing is in the model already
     cls = AnswerLossTrainer if p.answer_loss else Trainer
     trainer = cls(model=model, args=args, train_dataset=feats, data_collator=collator, callbacks=[clock])
-    trainer.head_loss = p.head_loss  # used by AnswerLossTrainer only
+    configure(trainer, p)  # the answer loss's LM head, DDP's gradient compression
     trainer.remove_callback(PrinterCallback)  # a line per step and mode drowns the table
     t = time.perf_counter()
     trainer.train()

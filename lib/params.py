@@ -134,6 +134,7 @@ class SpeedParams:
     compile_mode: str = "default"  # torch.compile's mode for the layers: reduce-overhead = CUDA graphs (fewer launches)
     lean_nf4: bool = False  # 4-bit layers without bitsandbytes' Python wrappers (lib/nf4.py): same products
     num_processes: int = 1  # data-parallel processes (GPUs) via accelerate launch; grad_accum is split across them
+    ddp_bf16_grads: bool = False  # DDP all-reduces the gradients in bf16 (half the bytes; the average rounded to bf16)
 
     def check(self):
         _positive(self, "pack_tokens", "num_processes")

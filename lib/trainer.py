@@ -1,5 +1,6 @@
 """The HF Trainer as the fine-tuning runs it: answer-only loss, the learning-curve callback, arguments."""
 import contextlib
+import dataclasses
 import functools
 import math
 import os
@@ -8,6 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+import torch.distributed as dist
+from accelerate.utils import DistributedDataParallelKwargs
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from . import evaluate, prompts, speedups
@@ -69,7 +72,6 @@ class CurveCallback(TrainerCallback):
     def _score(self, model):
         """Per-example scores of the eval set; under DDP each process scores every world-th record and
         all gather the rows back into the one-process order, so every process holds the same table."""
-        import torch.distributed as dist
 
         ranks = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         idx = list(range(dist.get_rank() if ranks > 1 else 0, len(self.records), ranks))
@@ -230,8 +232,41 @@ def make_trainer(model, tok, feats, eval_records, p, out: Path, collator) -> Tra
     cls = AnswerLossTrainer if p.answer_loss else Trainer
     trainer = cls(model=model, args=training_args(p, out, len(feats)), train_dataset=feats, data_collator=collator,
                   callbacks=[CurveCallback(tok, eval_records, p, out)])
-    trainer.head_loss = p.head_loss
+    return configure(trainer, p)
+
+
+def configure(trainer, p):
+    """The recipe's settings a Trainer cannot take as arguments (also for benchmarks/train_speed.py)."""
+    trainer.head_loss = p.head_loss  # used by AnswerLossTrainer only
+    if p.ddp_bf16_grads and trainer.accelerator.ddp_handler is not None:
+        # accelerate calls this when train() wraps the model in DDP. 2 x H100 added a fixed 35 ms to each
+        # 7B step, ~18 GB/s for its 640 MB of fp32 LoRA gradients (README, "Several GPUs"): bf16 halves it.
+        h = trainer.accelerator.ddp_handler
+        trainer.accelerator.ddp_handler = _BF16AllReduce(**{f.name: getattr(h, f.name) for f in dataclasses.fields(h)})
     return trainer
+
+
+class _BF16AllReduce(DistributedDataParallelKwargs):
+    """accelerate's DDP settings, whose hook (registered when the model is wrapped) is bf16_all_reduce."""
+
+    def register_comm_hook(self, model):
+        model.register_comm_hook(None, bf16_all_reduce)
+
+
+def bf16_all_reduce(process_group, bucket):
+    """DDP communication hook: a gradient bucket averaged in bf16, then copied back into its fp32 buffer.
+    torch's bf16_compress_hook does the same but is refused without NCCL (by its name), so gloo could
+    not test it; gloo and NCCL both all-reduce bf16."""
+    group = process_group if process_group is not None else dist.group.WORLD
+    buffer = bucket.buffer()
+    half = buffer.to(torch.bfloat16).div_(group.size())
+    fut = dist.all_reduce(half, group=group, async_op=True).get_future()
+
+    def back(f):
+        buffer.copy_(f.value()[0])
+        return buffer
+
+    return fut.then(back)
 
 
 def curve_callback(trainer) -> CurveCallback:
