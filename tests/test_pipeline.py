@@ -57,6 +57,11 @@ def test_every_notebook_executed_and_exported(full_run):
         assert (run / f"{nb}.ipynb").exists() and (run / f"{nb}.html").exists()
     assert f"report: {run / '05_report.html'}" in r.stdout
     assert "[3/5] 03_fewshot_sweep" in r.stdout  # progress names the notebook
+    # the console of a whole run: no kernel warnings (ipykernel's TCP one, tqdm's missing-ipywidgets one,
+    # each once a notebook before), and no warning lines at all from the five kernels
+    console = r.stdout + r.stderr
+    assert "without encryption" not in console and "IProgress" not in console
+    assert [line for line in console.splitlines() if "warn" in line.lower()] == []
 
 
 def test_finetune_numbers(full_run):
