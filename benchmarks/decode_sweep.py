@@ -37,6 +37,8 @@ def main(argv=None):
     records = data.load_split(p.data_dir, p.eval_split, limit=a.limit or None)
     model, tok = trainable.load_adapted(p, Path(a.run) / a.adapter)
     rows, answers_by = [], {}
+    provenance = {"git": results.git_state(), "hardware": results.hardware(), "versions": results.versions(),
+                  "params": p.to_dict()}
     for c in changes:
         g = dataclasses.replace(p, **c)
         t = time.perf_counter()
@@ -50,8 +52,7 @@ def main(argv=None):
         print(f"{name:40s} chrF {whole['chrF']:.2f}  BLEU {whole['BLEU']:.2f}  ({secs:.0f} s)", flush=True)
         if a.json:  # after every setting: a call cut during the next keeps this one (one was lost so)
             doc = {"run": str(a.run), "adapter": a.adapter, "n": len(records), "rows": rows, "answers": answers_by,
-                   "git": results.git_state(), "hardware": results.hardware(), "versions": results.versions(),
-                   "params": p.to_dict()}
+                   **provenance}
             Path(a.json).write_text(json.dumps(doc, indent=1, ensure_ascii=False))
 
 

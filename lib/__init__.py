@@ -14,3 +14,9 @@ def resolve(path) -> Path:
 import logging  # noqa: E402
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+# tqdm.auto, which transformers and others import, warns where ipywidgets is missing ("IProgress not
+# found"): a red box in JupyterLab and a line a notebook on the pipeline's console; the bars work without
+import warnings  # noqa: E402
+
+warnings.filterwarnings("ignore", message="IProgress not found")

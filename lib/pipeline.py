@@ -65,11 +65,6 @@ def _export_html(executed: Path) -> Path:
     return out
 
 
-# tqdm.auto, imported by libraries inside the kernel, warns on every import where ipywidgets is missing;
-# the kernel inherits this environment. A message filter: naming tqdm's class would import tqdm at startup.
-QUIET_WARNINGS = "ignore:IProgress not found"
-
-
 def kernel_manager_class():
     """Kernels on local pipes (ipc) rather than TCP ports where the OS has them: no port for other users of
     the host to reach, and no 'running over TCP without encryption' line from ipykernel per notebook."""
@@ -88,18 +83,10 @@ def run_notebook(name: str, p, run_dir: Path) -> Path:
     import papermill as pm
 
     executed = run_dir / f"{name}.ipynb"
-    old = os.environ.get("PYTHONWARNINGS")
-    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [old, QUIET_WARNINGS]))
-    try:
-        pm.execute_notebook(NOTEBOOK_DIR / f"{name}.ipynb", executed, parameters=p.to_dict(),
-                            cwd=str(NOTEBOOK_DIR), kernel_name="python3", progress_bar=False,
-                            log_output=False, stdout_file=sys.stdout, stderr_file=sys.stderr,
-                            kernel_manager_class=kernel_manager_class())
-    finally:  # only the kernel's environment, not this process's for good
-        if old is None:
-            del os.environ["PYTHONWARNINGS"]
-        else:
-            os.environ["PYTHONWARNINGS"] = old
+    pm.execute_notebook(NOTEBOOK_DIR / f"{name}.ipynb", executed, parameters=p.to_dict(),
+                        cwd=str(NOTEBOOK_DIR), kernel_name="python3", progress_bar=False,
+                        log_output=False, stdout_file=sys.stdout, stderr_file=sys.stderr,
+                        kernel_manager_class=kernel_manager_class())
     return executed
 
 

@@ -72,7 +72,6 @@ class CurveCallback(TrainerCallback):
     def _score(self, model):
         """Per-example scores of the eval set; under DDP each process scores every world-th record and
         all gather the rows back into the one-process order, so every process holds the same table."""
-
         ranks = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         idx = list(range(dist.get_rank() if ranks > 1 else 0, len(self.records), ranks))
         with speedups.eager():

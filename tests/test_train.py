@@ -363,6 +363,9 @@ def test_a_diverging_run_stops_with_the_step_and_keeps_its_checkpoints(tmp_path,
     state = json.loads((tmp_path / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
     losses = [r["loss"] for r in state["log_history"] if "loss" in r]
     assert state["global_step"] == 2 and len(losses) == 2 and all(map(math.isfinite, losses))  # resumable, sound
-    assert (tmp_path / "best_adapter" / "adapter_model.safetensors").stat().st_size > 0
+    from safetensors.torch import load_file
+
+    best = load_file(tmp_path / "best_adapter" / "adapter_model.safetensors")  # from before the poison: sound
+    assert best and all(torch.isfinite(t).all() for t in best.values())
     assert not (tmp_path / "summary.json").exists()
     assert issubclass(trainer.TrainingDiverged, cli.USER_ERRORS)  # one line in lib.train, not a traceback
