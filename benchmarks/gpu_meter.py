@@ -22,7 +22,7 @@ def start_pyspy(path):
     return spy
 
 
-KERNEL_KINDS = (("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas")), ("dequantize", ("dequantize",)),
+KERNEL_KINDS = (("nccl", ("nccl",)), ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas")), ("dequantize", ("dequantize",)),
                 ("attention", ("fmha", "attention", "sdpa", "flash")), ("optimizer", ("multi_tensor", "adam")),
                 ("compiled", ("triton",)), ("copy/cast", ("copy", "direct_copy", "cast")))
 
@@ -46,10 +46,16 @@ def profile_summary(clock) -> dict:
     ops = [e for e in events if e.device_type.name == "CPU" and e.self_device_time_total > 0]
     top = lambda es: [(e.key[:70], round(e.self_device_time_total / 1000 / n, 2), e.count // n)
                       for e in sorted(es, key=lambda e: -e.self_device_time_total)[:15]]
+    # the host's side: where its time goes (a data-parallel rank waiting shows up here, as the collective or
+    # a cuda*Synchronize / memcpy call), by the events' own time and by their time with what they call
+    host = [e for e in events if e.device_type.name == "CPU"]
+    by = lambda attr: [(e.key[:70], round(getattr(e, attr) / 1000 / n, 2), e.count // n)
+                       for e in sorted(host, key=lambda e: -getattr(e, attr))[:15]]
     return {"wall_ms_per_step": round(clock.p_wall * 1000 / n, 1), "gpu_ms_per_step": round(gpu_us / 1000 / n, 1),
             "kernels_per_step": sum(e.count for e in kernels) // n,
             "gpu_ms_by_kind": {k: round(v, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
-            "top_kernels": top(kernels), "top": top(ops)}
+            "top_kernels": top(kernels), "top": top(ops),
+            "host_self_ms": by("self_cpu_time_total"), "host_total_ms": by("cpu_time_total")}
 
 
 def matmul_rate(n=8192, reps=20) -> float:

@@ -355,6 +355,9 @@ def print_row(r, base):
               f"{pr['kernels_per_step']} kernels/step; by kind {pr['gpu_ms_by_kind']}", flush=True)
         for k in pr["top_kernels"][:10]:
             print(f"      {k[1]:9.2f} ms x{k[2]:<5d} {k[0]}", flush=True)
+        print("    host, by time with callees:", flush=True)
+        for k in pr.get("host_total_ms", [])[:12]:
+            print(f"      {k[1]:9.2f} ms x{k[2]:<5d} {k[0]}", flush=True)
     if "memory" in r:
         m = r["memory"]
         print(f"    memory: {m['before_gib']} GiB before training, +{m['peak_gib']} GiB at the peak, "

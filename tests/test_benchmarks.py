@@ -201,6 +201,21 @@ def test_train_speed_modes_on_the_tiny_model(tmp_path, monkeypatch, capsys):
     assert rows[1]["losses"] == pytest.approx(rows[0]["losses"], rel=1e-4)
 
 
+def test_profile_window_reports_the_hosts_time(tmp_path, monkeypatch, capsys):
+    """--profile: after the timed steps, the profiled ones are summarized, the host's side included (a
+    data-parallel rank waiting for the other shows up there, not in the GPU's kernels)."""
+    out = _train_speed(tmp_path, monkeypatch, "project", "--profile", "2")
+    pr = json.loads(out.read_text())["rows"][0]["profile"]
+    assert pr["wall_ms_per_step"] > 0 and pr["host_total_ms"] and pr["host_self_ms"]
+    for ranked in (pr["host_total_ms"], pr["host_self_ms"]):  # (name, ms a step, calls a step), longest first
+        assert [k[1] for k in ranked] == sorted((k[1] for k in ranked), reverse=True) and ranked[0][1] > 0
+    assert any(k[0].startswith("aten::") for k in pr["host_total_ms"])  # ops, not only the step's wrappers
+    # each event's time with callees is at least its own: the two lists are the same events, ranked twice
+    total = {k[0]: k[1] for k in pr["host_total_ms"]}
+    assert all(v <= total[k] + 1e-6 for k, v, _ in pr["host_self_ms"] if k in total)
+    assert "host, by time with callees:" in capsys.readouterr().out
+
+
 def test_mode_settings_reject_unknown_keys():
     with pytest.raises(ParamsError, match="not key=value of a TrainParams field"):
         train_speed.mode_settings("project+nope=1", {})
