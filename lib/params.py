@@ -134,7 +134,9 @@ class SpeedParams:
     compile_mode: str = "default"  # torch.compile's mode for the layers: reduce-overhead = CUDA graphs (fewer launches)
     lean_nf4: bool = False  # 4-bit layers without bitsandbytes' Python wrappers (lib/nf4.py): same products
     num_processes: int = 1  # data-parallel processes (GPUs) via accelerate launch; grad_accum is split across them
-    ddp_bf16_grads: bool = False  # DDP all-reduces the gradients in bf16 (half the bytes; the average rounded to bf16)
+    # DDP all-reduces the gradients in bf16 (half the bytes; the average rounded to bf16). Over NVLink it made no
+    # difference (2 x H100, README): for hosts whose GPUs talk over PCIe or a network
+    ddp_bf16_grads: bool = False
 
     def check(self):
         _positive(self, "pack_tokens", "num_processes")
@@ -183,12 +185,13 @@ class CurveParams:
     """Learning curve, checkpoints and logging."""
 
     eval_steps: int = 100  # public-test perplexity every N optimizer steps (the learning curve)
-    save_steps: int = 100
+    save_steps: int = 100  # a resumable checkpoint every N steps and at the end; 0 = none (a cut run starts over)
     logging_steps: int = 10
     resume: bool = True  # continue from the last checkpoint in out_dir if there is one
 
     def check(self):
-        _positive(self, "eval_steps", "save_steps", "logging_steps")
+        _positive(self, "eval_steps", "logging_steps")
+        _non_negative(self, "save_steps")
 
 
 # The groups of a fine-tuning recipe, in the order a reader meets them (the report's hyperparameter table)

@@ -186,7 +186,9 @@ def training_args(p, out: Path, n_train: int) -> TrainingArguments:
         learning_rate=p.learning_rate, lr_scheduler_type=p.lr_scheduler, warmup_steps=p.warmup_ratio,
         max_grad_norm=p.max_grad_norm, weight_decay=p.weight_decay, optim=p.optim,
         neftune_noise_alpha=p.neftune_noise_alpha or None,
-        logging_steps=p.logging_steps, save_strategy="steps", save_steps=p.save_steps,
+        # HF saves a checkpoint at the last step whatever save_steps is: a large save_steps still wrote a 21-GB
+        # full-FT checkpoint per run and filled a 64-GiB disk with two runs side by side. 0 saves none.
+        logging_steps=p.logging_steps, save_strategy="steps" if p.save_steps else "no", save_steps=p.save_steps or 500,
         logging_nan_inf_filter=False,  # a NaN loss is logged as NaN (HF shows the mean so far), so check_finite sees it
         eval_strategy="no", report_to="none", seed=p.seed, data_seed=p.seed, bf16=bf16,
         use_cpu=(device_for(p.device) == "cpu"), remove_unused_columns=False,
@@ -238,8 +240,8 @@ def configure(trainer, p):
     """The recipe's settings a Trainer cannot take as arguments (also for benchmarks/train_speed.py)."""
     trainer.head_loss = p.head_loss  # used by AnswerLossTrainer only
     if p.ddp_bf16_grads and trainer.accelerator.ddp_handler is not None:
-        # accelerate calls this when train() wraps the model in DDP. 2 x H100 added a fixed 35 ms to each
-        # 7B step, ~18 GB/s for its 640 MB of fp32 LoRA gradients (README, "Several GPUs"): bf16 halves it.
+        # accelerate calls this when train() wraps the model in DDP: half the bytes on the wire. Over NVLink
+        # (2 x H100) the all-reduce overlaps the backward and the 7B step was no faster (README, "Several GPUs").
         h = trainer.accelerator.ddp_handler
         trainer.accelerator.ddp_handler = _BF16AllReduce(**{f.name: getattr(h, f.name) for f in dataclasses.fields(h)})
     return trainer

@@ -62,6 +62,18 @@ def test_qlora_trains_and_loss_falls(tmp_path):
     assert sorted(x.name for x in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-8"]
 
 
+def test_save_steps_zero_writes_no_checkpoint(tmp_path):
+    """HF saves a checkpoint at the last step whatever save_steps is (a full-FT one is ~21 GB: two runs
+    side by side filled a 64-GiB disk); save_steps 0 writes none, and the run still ends with its adapter."""
+    tr, ev = data.load_split("data/sample", "train"), data.load_split("data/sample", "public_test", limit=4)
+    big = finetune.finetune(tiny_params(max_steps=4, eval_steps=2, save_steps=100), tr, ev, tmp_path / "big")
+    assert [x.name for x in (tmp_path / "big" / "checkpoints").iterdir()] == ["checkpoint-4"]
+    none = finetune.finetune(tiny_params(max_steps=4, eval_steps=2, save_steps=0), tr, ev, tmp_path / "none")
+    assert not list((tmp_path / "none").glob("checkpoints/checkpoint-*"))
+    assert (tmp_path / "none" / "final_adapter" / "adapter_config.json").exists() and none.summary["steps"] == 4
+    assert none.curve.eval_ppl.tolist() == pytest.approx(big.curve.eval_ppl.tolist(), rel=1e-6)  # same run otherwise
+
+
 def test_bad_inputs_fail_before_training():
     p = tiny_params(eval_steps=100)
     ev = data.load_split("data/sample", "public_test", limit=2)
