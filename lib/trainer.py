@@ -12,10 +12,12 @@ import torch
 import torch.distributed as dist
 from accelerate.utils import DistributedDataParallelKwargs
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_pt_utils import BatchRebalanceSampler
 
 from . import evaluate, prompts, speedups
 from .collate import IGNORE
 from .launch import per_process_accum
+from .sampler import PackedRebalanceSampler
 from .models import device_for
 
 
@@ -133,7 +135,25 @@ def answer_loss(model, input_ids, labels, attention_mask=None, position_ids=None
     return losses.sum() / (num_items_in_batch if num_items_in_batch is not None else losses.numel())
 
 
-class AnswerLossTrainer(Trainer):
+def sampling_strategy(p) -> str:
+    """HF's name for how the training batches are drawn."""
+    return "batch_rebalance" if p.balance_ranks else "group_by_length" if p.group_by_length else "random"
+
+
+class SeededTrainer(Trainer):
+    """HF's Trainer whose balance_ranks sampler splits by tokens (lib.sampler: HF's splits padded cost) and
+    shuffles by the run's seed (HF builds it with its default, 42, whatever `seed` says)."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        s = super()._get_train_sampler(train_dataset)
+        if isinstance(s, BatchRebalanceSampler):
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            s = PackedRebalanceSampler(s.lengths, s.effective_batch_size, s.dp_size, s.grad_accum, seed=seed,
+                                       rank=s.rank, drop_last=s.drop_last)
+        return s
+
+
+class AnswerLossTrainer(SeededTrainer):
     """Trainer whose loss runs the LM head only on answer tokens (evaluate.token_nll).
 
     Same value as the model's own loss on these labels, without the full-vocabulary logits of every
@@ -194,7 +214,7 @@ def training_args(p, out: Path, n_train: int) -> TrainingArguments:
         use_cpu=(device_for(p.device) == "cpu"), remove_unused_columns=False,
         dataloader_num_workers=0, disable_tqdm=False, save_only_model=False,
         ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient; the search costs a pass
-        train_sampling_strategy="group_by_length" if p.group_by_length else "random",
+        train_sampling_strategy=sampling_strategy(p),
         # gradient checkpointing is set up by lib.trainable (peft's kbit preparation)
     )
     if world_size() == 1:
@@ -230,7 +250,7 @@ def no_cudnn_attention():
 
 def make_trainer(model, tok, feats, eval_records, p, out: Path, collator) -> Trainer:
     no_cudnn_attention()
-    cls = AnswerLossTrainer if p.answer_loss else Trainer
+    cls = AnswerLossTrainer if p.answer_loss else SeededTrainer
     trainer = cls(model=model, args=training_args(p, out, len(feats)), train_dataset=feats, data_collator=collator,
                   callbacks=[CurveCallback(tok, eval_records, p, out)])
     return configure(trainer, p)

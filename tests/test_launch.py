@@ -106,3 +106,15 @@ def test_bf16_gradient_all_reduce_is_used_and_stays_close(tmp_path):
     two = launch.run(_cfg(tmp_path, 2, ddp_bf16_grads=True), tmp_path / "two", 2, cpu=True)
     assert _log(two) != pytest.approx(_log(one), rel=1e-5)
     assert _log(two) == pytest.approx(_log(one), rel=5e-3)  # measured: at most 6e-4
+
+
+def test_balanced_ranks_two_processes_are_the_one_process_run(tmp_path):
+    """balance_ranks: each step's records split by tokens (lib.sampler) - 1 process accumulating 4
+    micro-batches or 2 processes 2 each train the same records per step: the same losses, gradient norms
+    and curve, each rank taking its share of the shuffle without talking to the other."""
+    one = launch.run(_cfg(tmp_path, 1, balance_ranks=True), tmp_path / "one", 1, cpu=True)
+    two = launch.run(_cfg(tmp_path, 2, balance_ranks=True), tmp_path / "two", 2, cpu=True)
+    assert _log(two) == pytest.approx(_log(one), rel=1e-5) and _log(one)[2] == pytest.approx(8 / 40)
+    c1, c2 = pd.read_csv(one / "curve.csv"), pd.read_csv(two / "curve.csv")
+    assert c2.eval_ppl.to_numpy() == pytest.approx(c1.eval_ppl.to_numpy(), rel=1e-5)
+    assert c2.eval_ppl.iloc[-1] < c2.eval_ppl.iloc[0]

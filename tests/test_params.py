@@ -114,6 +114,7 @@ def test_unknown_key_is_an_error_naming_it(tmp_path):
 @pytest.mark.parametrize("yaml_text,msg", [
     ("01_finetune:\n  lora_r: '64'\n", "'lora_r' must be int"),
     ("01_finetune:\n  save_steps: -1\n", "'save_steps' must be >= 0"),
+    ("01_finetune:\n  balance_ranks: true\n  group_by_length: true\n", "exclude each other"),
     ("01_finetune:\n  gradient_checkpointing: 1\n", "'gradient_checkpointing' must be bool"),
     ("02_zeroshot:\n  templates: course\n", "'templates' must be list"),
     ("common:\n  quantization: int8\n", "'quantization' must be one of"),
