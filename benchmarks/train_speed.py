@@ -60,12 +60,12 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import PrinterCallback, Trainer, TrainerCallback
+from transformers import PrinterCallback, TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project, also when accelerate runs this file
 from lib import collate, data, launch, models, paramfile, params, trainable  # noqa: E402
 from lib.cli import one_line_errors  # noqa: E402
-from lib.trainer import AnswerLossTrainer, configure, is_main, no_cudnn_attention, training_args, world_size  # noqa: E402
+from lib.trainer import AnswerLossTrainer, BalancedTrainer, configure, is_main, no_cudnn_attention, training_args, world_size  # noqa: E402
 
 from gpu_meter import flops_per_token, matmul_rate, mfu, profile_summary, start_pyspy, sync  # noqa: E402  beside this file
 
@@ -264,7 +264,7 @@ def run(mode, settings, model_dir, feats, tok, a, spy_file=None):
     args.save_strategy, args.disable_tqdm = "no", True
     if trainer_name == "unsloth":
         args.gradient_checkpointing = False  # unsloth's own checkpointing is in the model already
-    cls = AnswerLossTrainer if p.answer_loss else Trainer
+    cls = AnswerLossTrainer if p.answer_loss else BalancedTrainer
     trainer = cls(model=model, args=args, train_dataset=feats, data_collator=collator, callbacks=[clock])
     configure(trainer, p)  # the answer loss's LM head, DDP's gradient compression
     trainer.remove_callback(PrinterCallback)  # a line per step and mode drowns the table

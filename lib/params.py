@@ -128,9 +128,9 @@ class SpeedParams:
     packing: bool = False  # sequences laid end to end in rows, no padding between them (same per-example loss)
     pack_tokens: int = 512  # row length for packing (a longer sequence gets a row of its own)
     group_by_length: bool = False  # batches of similar length pad less (speed); False keeps the seed's order
-    # each optimizer step's records split into micro-batches of near-equal cost (transformers'
-    # BatchRebalanceSampler, its own shuffle by `seed`): under DDP no rank waits for a longer batch;
-    # the same records per step on 1 or N GPUs, so the same curve
+    # each optimizer step's records split into micro-batches of near-equal tokens (lib/sampler.py, its own
+    # shuffle by `seed`): under DDP no rank waits for a longer batch; the same records per step on 1 or N
+    # GPUs, so the same curve
     balance_ranks: bool = False
     keep_frozen_dtype: bool = False  # don't upcast frozen embeddings/norms/LM head to fp32 (peft's kbit prep does)
     cache_dequantized: bool = False  # dequantize the 4-bit weights once: same numbers, +2 bytes/weight

@@ -17,8 +17,8 @@ from transformers.trainer_pt_utils import BatchRebalanceSampler
 from . import evaluate, prompts, speedups
 from .collate import IGNORE
 from .launch import per_process_accum
-from .sampler import PackedRebalanceSampler
 from .models import device_for
+from .sampler import PackedRebalanceSampler
 
 
 def world_size() -> int:
@@ -140,7 +140,7 @@ def sampling_strategy(p) -> str:
     return "batch_rebalance" if p.balance_ranks else "group_by_length" if p.group_by_length else "random"
 
 
-class SeededTrainer(Trainer):
+class BalancedTrainer(Trainer):
     """HF's Trainer whose balance_ranks sampler splits by tokens (lib.sampler: HF's splits padded cost) and
     shuffles by the run's seed (HF builds it with its default, 42, whatever `seed` says)."""
 
@@ -153,7 +153,7 @@ class SeededTrainer(Trainer):
         return s
 
 
-class AnswerLossTrainer(SeededTrainer):
+class AnswerLossTrainer(BalancedTrainer):
     """Trainer whose loss runs the LM head only on answer tokens (evaluate.token_nll).
 
     Same value as the model's own loss on these labels, without the full-vocabulary logits of every
@@ -208,7 +208,8 @@ def training_args(p, out: Path, n_train: int) -> TrainingArguments:
         neftune_noise_alpha=p.neftune_noise_alpha or None,
         # HF saves a checkpoint at the last step whatever save_steps is: a large save_steps still wrote a 21-GB
         # full-FT checkpoint per run and filled a 64-GiB disk with two runs side by side. 0 saves none.
-        logging_steps=p.logging_steps, save_strategy="steps" if p.save_steps else "no", save_steps=p.save_steps or 500,
+        logging_steps=p.logging_steps, save_strategy="steps" if p.save_steps else "no",
+        save_steps=p.save_steps or 1,  # unused without saving, but HF wants it positive
         logging_nan_inf_filter=False,  # a NaN loss is logged as NaN (HF shows the mean so far), so check_finite sees it
         eval_strategy="no", report_to="none", seed=p.seed, data_seed=p.seed, bf16=bf16,
         use_cpu=(device_for(p.device) == "cpu"), remove_unused_columns=False,
@@ -250,7 +251,7 @@ def no_cudnn_attention():
 
 def make_trainer(model, tok, feats, eval_records, p, out: Path, collator) -> Trainer:
     no_cudnn_attention()
-    cls = AnswerLossTrainer if p.answer_loss else SeededTrainer
+    cls = AnswerLossTrainer if p.answer_loss else BalancedTrainer
     trainer = cls(model=model, args=training_args(p, out, len(feats)), train_dataset=feats, data_collator=collator,
                   callbacks=[CurveCallback(tok, eval_records, p, out)])
     return configure(trainer, p)

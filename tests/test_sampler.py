@@ -53,13 +53,13 @@ def test_balance_ranks_reaches_the_trainers_dataloader(tmp_path):
     """balance_ranks: true makes the Trainer draw its micro-batches from PackedRebalanceSampler (not HF's
     padded-cost one), shuffled by the run's seed (HF's would use 42 whatever the seed)."""
     from lib import params
-    from lib.trainer import SeededTrainer, training_args
+    from lib.trainer import BalancedTrainer, training_args
 
     feats = [{"input_ids": [1] * n, "labels": [1] * n} for n in LENGTHS]
     firsts = []
     for seed in (0, 1):
         p = params.TrainParams(micro_batch_size=8, grad_accum=2, balance_ranks=True, seed=seed, device="cpu")
-        tr = SeededTrainer(model=torch.nn.Linear(1, 1), args=training_args(p, tmp_path, len(feats)),
+        tr = BalancedTrainer(model=torch.nn.Linear(1, 1), args=training_args(p, tmp_path, len(feats)),
                            train_dataset=feats, data_collator=lambda fs: [len(f["input_ids"]) for f in fs])
         batches = list(tr.get_train_dataloader())
         assert type(tr._get_train_sampler()) is PackedRebalanceSampler and len(batches) == 20
