@@ -81,16 +81,18 @@ def matmul_rate(n=8192, reps=20) -> float:
     return 2 * n ** 3 * reps / (time.perf_counter() - t)
 
 
-def flops_per_token(model_dir, checkpointing: bool) -> float:
+def flops_per_token(model_dir, checkpointing: bool, checkpointed_layers: int = 0) -> float:
     """Model FLOPs of one trained token in QLoRA: 2 x parameters for the forward, 2 x for the gradient
     with respect to the inputs (frozen weights get none), 2 x more for the recomputed forward when
-    checkpointing; all parameters counted (embeddings included, LoRA's ~1% left out), as the 7B figure
-    of the performance issue (6 x 6.74 GFLOP)."""
+    checkpointing (x the share of layers recomputed, with checkpointed_layers); all parameters counted
+    (embeddings included, LoRA's ~1% left out), as the 7B figure of the performance issue (6 x 6.74 GFLOP)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    cfg = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
-        n = sum(x.numel() for x in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir)).parameters())
-    return 2 * n * (3 if checkpointing else 2)
+        n = sum(x.numel() for x in AutoModelForCausalLM.from_config(cfg).parameters())
+    share = (checkpointed_layers / cfg.num_hidden_layers if checkpointed_layers else 1.0) if checkpointing else 0.0
+    return 2 * n * (2 + share)
 
 
 def mfu(tokens_per_s: float, processes: int, flops_token: float, rate: float) -> float:

@@ -273,7 +273,7 @@ def run(mode, settings, model_dir, feats, tok, a, spy_file=None):
     losses = [round(r["loss"], 4) for r in trainer.state.log_history if "loss" in r][:a.steps]
     tokens, dt = across_processes(clock.tokens, clock.dt)
     # per GPU: each process's GPU against the matmul rate of this one
-    util = mfu(tokens / dt, world_size(), flops_per_token(model_dir, p.gradient_checkpointing), a.matmul_rate)
+    util = mfu(tokens / dt, world_size(), flops_per_token(model_dir, p.gradient_checkpointing, p.checkpointed_layers), a.matmul_rate)
     row = {"mode": mode, "settings": settings, "tokens_per_s": round(tokens / dt), "processes": world_size(),
            "mfu": round(util, 6),
            "peak_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if torch.cuda.is_available() else 0.0,

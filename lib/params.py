@@ -134,6 +134,9 @@ class SpeedParams:
     balance_ranks: bool = False
     keep_frozen_dtype: bool = False  # don't upcast frozen embeddings/norms/LM head to fp32 (peft's kbit prep does)
     cache_dequantized: bool = False  # dequantize the 4-bit weights once: same numbers, +2 bytes/weight
+    # with gradient_checkpointing: recompute only the first N decoder layers in backward (0 = all). Each layer
+    # left out keeps its activations (memory) and skips its recomputed forward (a third of its FLOPs)
+    checkpointed_layers: int = 0
     compile: bool = False  # torch.compile each decoder layer
     compile_mode: str = "default"  # torch.compile's mode for the layers: reduce-overhead = CUDA graphs (fewer launches)
     lean_nf4: bool = False  # 4-bit layers without bitsandbytes' Python wrappers (lib/nf4.py): same products
@@ -144,6 +147,9 @@ class SpeedParams:
 
     def check(self):
         _positive(self, "pack_tokens", "num_processes")
+        _non_negative(self, "checkpointed_layers")
+        if self.checkpointed_layers and not self.gradient_checkpointing:
+            raise ParamsError("checkpointed_layers needs gradient_checkpointing: true (it chooses which layers recompute)")
         from .chunked_loss import HEAD_LOSSES
 
         _choice("head_loss", self.head_loss, tuple(HEAD_LOSSES))

@@ -8,6 +8,7 @@
   suits small models (gemma-3-270m: +0.2 GB), not 7B ones under a memory cap.
 - compile_layers: torch.compile of each decoder layer (regional compilation): the small model's step
   is bound by kernel launches and Python, not FLOPs.
+- checkpoint_only: gradient checkpointing on some layers, not all: memory traded for recomputation.
 """
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,16 @@ def prepare_frozen(model, gradient_checkpointing: bool):
 def decoder_layers(model):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.get_decoder().layers
+
+
+def checkpoint_only(model, n: int) -> None:
+    """Gradient checkpointing on the first n decoder layers only (HF turns it on for all): the others keep
+    their activations for backward instead of running their forward again."""
+    layers = decoder_layers(model)
+    if n > len(layers):
+        raise ValueError(f"checkpointed_layers: {n} is more than the model's {len(layers)} decoder layers")
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i < n
 
 
 def eager():

@@ -201,6 +201,16 @@ def test_train_speed_modes_on_the_tiny_model(tmp_path, monkeypatch, capsys):
     assert rows[1]["losses"] == pytest.approx(rows[0]["losses"], rel=1e-4)
 
 
+def test_mfu_counts_the_recomputed_share_of_layers(tmp_path, monkeypatch):
+    """project+checkpointed_layers=1 on the 2-layer tiny model: half the layers run their forward again,
+    so a token costs 2 x params x (2 + 1/2) FLOPs."""
+    out = _train_speed(tmp_path, monkeypatch, "project+checkpointed_layers=1")
+    doc = json.loads(out.read_text())
+    r = doc["rows"][0]
+    assert r["settings"]["checkpointed_layers"] == 1 and r["settings"]["gradient_checkpointing"]
+    assert r["mfu"] == pytest.approx(r["tokens_per_s"] * 2 * tiny_params_by_hand() * 2.5 / doc["matmul_flops_per_s"], rel=0.05)
+
+
 def test_profile_window_reports_the_hosts_time(tmp_path, monkeypatch, capsys):
     """--profile: after the timed steps, the profiled ones are summarized, the host's side included (a
     data-parallel rank waiting for the other shows up there, not in the GPU's kernels)."""

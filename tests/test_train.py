@@ -150,6 +150,33 @@ def test_an_evaluation_leaves_the_training_gradients_as_they_were():
     assert all(torch.equal(before[n], after[n]) for n in before)
 
 
+def test_checkpointed_layers_recompute_only_the_first_n():
+    """checkpointed_layers: 1 of the tiny model's 2 layers: in a training step layer 0 runs its forward
+    twice (again in backward), layer 1 once; the LoRA gradients are those of checkpointing both and of
+    checkpointing none (recomputing changes when, not what)."""
+    from lib import speedups, trainable
+
+    feats = None
+    runs = {}
+    for ck, n in [(True, 0), (True, 1), (False, 0)]:
+        model, tok = trainable.build(tiny_params(lora_r=8, gradient_checkpointing=ck, checkpointed_layers=n))
+        model.train()
+        if feats is None:
+            feats, _, _ = collate.encode_examples(tok, data.load_split("data/sample", "train", limit=3), "course", 2048)
+        calls = [0, 0]
+        for i, layer in enumerate(speedups.decoder_layers(model)):
+            layer.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1))
+        runs[(ck, n)] = (_lora_grads(model, collate.PadCollator(tok.pad_token_id)(feats)), calls)
+    assert [runs[k][1] for k in [(True, 0), (True, 1), (False, 0)]] == [[2, 2], [2, 1], [1, 1]]
+    full, part, none = (runs[k][0] for k in [(True, 0), (True, 1), (False, 0)])
+    assert full and all(torch.allclose(part[k], full[k], atol=1e-7) and torch.allclose(none[k], full[k], atol=1e-7)
+                        for k in full)
+    with pytest.raises(params.ParamsError, match="needs gradient_checkpointing"):
+        tiny_params(gradient_checkpointing=False, checkpointed_layers=1)
+    with pytest.raises(ValueError, match="more than the model's 2 decoder layers"):
+        trainable.build(tiny_params(checkpointed_layers=3))
+
+
 def test_answer_loss_equals_model_loss(tiny):
     """The answer-only LM head gives the model's own loss on the same labels (to float precision)."""
     model, _, tok = tiny
