@@ -3,6 +3,7 @@ import json
 import os
 import platform
 import subprocess
+import threading
 import time
 from datetime import datetime, timezone
 from importlib import metadata
@@ -68,9 +69,12 @@ def section_dir(params, name: str) -> Path:
 
 
 def atomic_write(path: Path, text: str):
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    """path holds text, or what it held before: a crash mid-write never leaves a truncated file. The
+    temporary file's name is the writer's own: under DDP every process records its run (the same
+    text), and with one shared name a process could rename the file another had just renamed (ENOENT)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)  # a crash mid-write never leaves a truncated results file
+    tmp.replace(path)
 
 
 def save(folder: Path, summary: dict, tables: dict | None = None, prov: dict | None = None):

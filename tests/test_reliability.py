@@ -190,3 +190,31 @@ def test_a_run_recorded_before_a_new_option_existed_is_still_reused(tmp_path, ca
     assert "reusing the finished run" in capsys.readouterr().out
     with pytest.raises(runs.RunError, match="differs in neftune_noise_alpha"):
         finetune.finetune(params.FinetuneParams(**BASE, neftune_noise_alpha=5.0), tr, ev, tmp_path)
+
+
+def test_concurrent_writers_of_one_file_never_fail(tmp_path):
+    """Under DDP every process records its run in the same run.json (the same text). With one shared
+    temporary name a writer could rename the file another had just renamed: 'No such file or directory'
+    failed a 2-process CI run. Eight threads writing one file 100 times each: no error, the file holds
+    one writer's text whole, no temporary file left behind."""
+    import threading
+
+    from lib.results import atomic_write
+
+    path, errors = tmp_path / "run.json", []
+
+    def write(i):
+        try:
+            for _ in range(100):
+                atomic_write(path, f"writer {i} " * 50)
+        except OSError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert path.read_text() in {f"writer {i} " * 50 for i in range(8)}
+    assert [p.name for p in tmp_path.iterdir()] == ["run.json"]
