@@ -54,7 +54,7 @@ def main():
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     rate = matmul_rate()  # before the runs, on an idle GPU
-    flops_token = flops_per_token(models.model_path(p.model), p.gradient_checkpointing, p.checkpointed_layers)
+    flops_token = flops_per_token(models.model_path(p.model), p)
     runs = []
     for n in (1, a.processes):
         r = run(p, n, out)

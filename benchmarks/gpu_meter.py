@@ -68,12 +68,10 @@ def matmul_rate(n=8192, reps=20) -> float:
     a, b = (torch.randn(n, n, device=dev, dtype=torch.bfloat16) for _ in range(2))
     # warm for a second first: on an H100 fresh from its start, 3 products then 20 timed ones measured
     # 363 TFLOP/s, against 792 once warm (the JSON of results/2026-11-26-balance-ranks-*)
-    warm, t = (1.0 if dev == "cuda" else 0.0), time.perf_counter()
-    while True:
+    t = time.perf_counter()
+    while time.perf_counter() - t < (1.0 if dev == "cuda" else 0.01):
         a @ b
         sync()
-        if time.perf_counter() - t >= warm:
-            break
     t = time.perf_counter()
     for _ in range(reps):
         a @ b
@@ -81,18 +79,18 @@ def matmul_rate(n=8192, reps=20) -> float:
     return 2 * n ** 3 * reps / (time.perf_counter() - t)
 
 
-def flops_per_token(model_dir, checkpointing: bool, checkpointed_layers: int = 0) -> float:
-    """Model FLOPs of one trained token in QLoRA: 2 x parameters for the forward, 2 x for the gradient
-    with respect to the inputs (frozen weights get none), 2 x more for the recomputed forward when
-    checkpointing (x the share of layers recomputed, with checkpointed_layers); all parameters counted
+def flops_per_token(model_dir, p) -> float:
+    """Model FLOPs of one trained token in QLoRA under recipe p: 2 x parameters for the forward, 2 x for the
+    gradient with respect to the inputs (frozen weights get none), 2 x more for the recomputed forward
+    when checkpointing (x the share of layers recomputed, with checkpointed_layers); all parameters counted
     (embeddings included, LoRA's ~1% left out), as the 7B figure of the performance issue (6 x 6.74 GFLOP)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
         n = sum(x.numel() for x in AutoModelForCausalLM.from_config(cfg).parameters())
-    share = (checkpointed_layers / cfg.num_hidden_layers if checkpointed_layers else 1.0) if checkpointing else 0.0
-    return 2 * n * (2 + share)
+    recomputed = (p.checkpointed_layers or cfg.num_hidden_layers) if p.gradient_checkpointing else 0
+    return 2 * n * (2 + recomputed / cfg.num_hidden_layers)
 
 
 def mfu(tokens_per_s: float, processes: int, flops_token: float, rate: float) -> float:

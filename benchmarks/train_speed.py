@@ -239,7 +239,7 @@ def mode_settings(mode: str, project: dict) -> dict:
 
 def run(mode, settings, model_dir, feats, tok, a, spy_file=None):
     p = params.TrainParams(**{**dict(model=str(model_dir), micro_batch_size=a.micro_batch, grad_accum=a.grad_accum,
-                              max_steps=a.steps + a.profile, logging_steps=1, save_steps=10 ** 6, eval_steps=1,
+                              max_steps=a.steps + a.profile, logging_steps=1, save_steps=0, eval_steps=1,
                               lr_scheduler="constant", seed=0), **settings})
     p.check()
     if not a.cudnn_attention:
@@ -261,7 +261,7 @@ def run(mode, settings, model_dir, feats, tok, a, spy_file=None):
                   label=mode if is_main() else "")
     out = Path(a.work) / "run"
     args = training_args(p, out, len(feats))
-    args.save_strategy, args.disable_tqdm = "no", True
+    args.disable_tqdm = True
     if trainer_name == "unsloth":
         args.gradient_checkpointing = False  # unsloth's own checkpointing is in the model already
     cls = AnswerLossTrainer if p.answer_loss else BalancedTrainer
@@ -273,7 +273,7 @@ def run(mode, settings, model_dir, feats, tok, a, spy_file=None):
     losses = [round(r["loss"], 4) for r in trainer.state.log_history if "loss" in r][:a.steps]
     tokens, dt = across_processes(clock.tokens, clock.dt)
     # per GPU: each process's GPU against the matmul rate of this one
-    util = mfu(tokens / dt, world_size(), flops_per_token(model_dir, p.gradient_checkpointing, p.checkpointed_layers), a.matmul_rate)
+    util = mfu(tokens / dt, world_size(), flops_per_token(model_dir, p), a.matmul_rate)
     row = {"mode": mode, "settings": settings, "tokens_per_s": round(tokens / dt), "processes": world_size(),
            "mfu": round(util, 6),
            "peak_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if torch.cuda.is_available() else 0.0,
