@@ -1,6 +1,7 @@
 """What the GPU did during a timed run (train_speed.py): its bf16 matmul rate measured now (the MFU
 denominator), a model's FLOPs per trained token, a py-spy recording of the host's stacks, and a
 profiler window summarized by kind of kernel."""
+import re
 import time
 
 import torch
@@ -22,6 +23,7 @@ def start_pyspy(path):
     return spy
 
 
+PY_FRAME = re.compile(r"\.py\(\d+\)|^<built-in|^<frozen")
 KERNEL_KINDS = (("nccl", ("nccl",)), ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas")), ("dequantize", ("dequantize",)),
                 ("attention", ("fmha", "attention", "sdpa", "flash")), ("optimizer", ("multi_tensor", "adam")),
                 ("compiled", ("triton",)), ("copy/cast", ("copy", "direct_copy", "cast")))
@@ -51,14 +53,35 @@ def profile_summary(clock) -> dict:
                       for e in sorted(es, key=lambda e: -e.self_device_time_total)[:15]]
     # the host's side: where its time goes (a data-parallel rank waiting shows up here, as the collective or
     # a cuda*Synchronize / memcpy call), by the events' own time and by their time with what they call
-    host = [e for e in events if e.device_type.name == "CPU"]
+    # (with --profile-stacks the profiler also records every Python call as an event: ops only here)
+    host = [e for e in events if e.device_type.name == "CPU" and not PY_FRAME.search(e.key)]
     by = lambda attr: [(e.key[:70], round(getattr(e, attr) / 1000 / n, 2), e.count // n)
                        for e in sorted(host, key=lambda e: -getattr(e, attr))[:15]]
     return {"wall_ms_per_step": round(clock.p_wall * 1000 / n, 1), "gpu_ms_per_step": round(gpu_us / 1000 / n, 1),
             "kernels_per_step": sum(e.count for e in kernels) // n,
             "gpu_ms_by_kind": {k: round(v, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
             "top_kernels": top(kernels), "top": top(ops),
-            "host_self_ms": by("self_cpu_time_total"), "host_total_ms": by("cpu_time_total")}
+            "host_self_ms": by("self_cpu_time_total"), "host_total_ms": by("cpu_time_total")} | (
+                {"waits": waits(clock.prof, n)} if clock.stacks else {})
+
+
+# host ops that block until the GPU catches up (or that a data-parallel rank's Python makes per tensor)
+WAITS = ("aten::item", "aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize",
+         "cudaMemcpyAsync", "aten::is_nonzero")
+
+
+def waits(prof, n: int, depth: int = 8) -> list:
+    """The Python stacks (innermost first, `depth` frames) that call the WAITS ops, by host time a step.
+    Grouped here, not by key_averages: a frame names its bound method's address, which differs per tensor."""
+    groups = {}
+    for e in prof.events():
+        if e.name in WAITS:
+            stack = tuple(re.sub(r" at 0x[0-9a-f]+", "", f) for f in e.stack if "torch/profiler" not in f)[:depth]
+            g = groups.setdefault((e.name, stack), [0, 0.0])
+            g[0], g[1] = g[0] + 1, g[1] + e.cpu_time_total
+    top = sorted(groups.items(), key=lambda kv: -kv[1][1])[:12]
+    return [{"op": op, "per_step": c / n, "host_ms": round(us / 1000 / n, 2), "stack": list(st)}
+            for (op, st), (c, us) in top]
 
 
 def matmul_rate(n=8192, reps=20) -> float:

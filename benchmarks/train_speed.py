@@ -102,8 +102,8 @@ class Clock(TrainerCallback):
     slowing the timed steps: the allocator's history of the whole run (benchmarks/memtrace.py: what is
     alive at the peak) and a py-spy recording of the host's Python stacks over the timed steps."""
 
-    def __init__(self, collator, warm, stop, profile=0, memory_trace=False, pyspy=None, label=""):
-        self.collator, self.warm, self.stop, self.profile = collator, warm, stop, profile
+    def __init__(self, collator, warm, stop, profile=0, memory_trace=False, pyspy=None, label="", stacks=False):
+        self.collator, self.warm, self.stop, self.profile, self.stacks = collator, warm, stop, profile, stacks
         self.label, self.started = label, time.perf_counter()  # progress lines: where a cut call stopped
         self.memory_trace, self.pyspy = memory_trace and torch.cuda.is_available(), pyspy
         self.t0 = self.tok0 = self.dt = self.tokens = self.prof = self.memory = self.spy = None
@@ -143,7 +143,10 @@ class Clock(TrainerCallback):
             if self.profile:
                 from torch.profiler import ProfilerActivity, profile
 
-                self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                # verbose: without it torch leaves the ops' stacks empty (2.13, measured)
+                cfg = torch._C._profiler._ExperimentalConfig(verbose=True) if self.stacks else None
+                self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=self.stacks,
+                                    experimental_config=cfg)
                 self.prof.__enter__()
                 self.p0 = time.perf_counter()
         if self.prof is not None and step == self.stop + self.profile:
@@ -258,7 +261,7 @@ def run(mode, settings, model_dir, feats, tok, a, spy_file=None):
     t_load = time.perf_counter() - t_load
     collator = Counting(collate.collator(p, tok))
     clock = Clock(collator, a.warmup, a.steps, a.profile, a.memory_trace, spy_file,
-                  label=mode if is_main() else "")
+                  label=mode if is_main() else "", stacks=a.profile_stacks)
     out = Path(a.work) / "run"
     args = training_args(p, out, len(feats))
     args.disable_tqdm = True
@@ -358,6 +361,8 @@ def print_row(r, base):
         print("    host, by time with callees:", flush=True)
         for k in pr.get("host_total_ms", [])[:12]:
             print(f"      {k[1]:9.2f} ms x{k[2]:<5d} {k[0]}", flush=True)
+        for w in pr.get("waits", [])[:8]:
+            print(f"    wait {w['op']} x{w['per_step']:g}/step {w['host_ms']} ms: {' < '.join(w['stack'][:5])}", flush=True)
     if "memory" in r:
         m = r["memory"]
         print(f"    memory: {m['before_gib']} GiB before training, +{m['peak_gib']} GiB at the peak, "
@@ -381,6 +386,8 @@ def main():
     ap.add_argument("--steps", type=int, default=30, help="optimizer steps timed up to (after --warmup)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--profile", type=int, default=0, help="profile this many steps after the timed ones")
+    ap.add_argument("--profile-stacks", action="store_true",
+                    help="with --profile: the Python stacks of the host's waits (item, synchronize, copies to host)")
     ap.add_argument("--memory-trace", action="store_true", help="what is alive at the run's peak (slows it)")
     ap.add_argument("--pyspy", help="record the timed steps' Python stacks with py-spy into PATH.<mode>.txt")
     ap.add_argument("--params", default="params/course.yaml", help="where the project mode's settings come from")
@@ -393,6 +400,8 @@ def main():
                          "costs in speed; NaN-prone at some shapes (README)")
     ap.add_argument("--processes", help="e.g. 1,2: every mode on 1 and on 2 GPUs, and the ratio")
     a = ap.parse_args()
+    if a.profile_stacks and not a.profile:
+        raise SystemExit("--profile-stacks needs --profile N (the steps it records)")
     trainers = [m.split("+")[0] for m in a.modes.split(",")]
     if "unsloth" in trainers and set(trainers) != {"unsloth"}:
         raise SystemExit("unsloth patches transformers for the whole process: give its modes an invocation "

@@ -226,6 +226,18 @@ def test_profile_window_reports_the_hosts_time(tmp_path, monkeypatch, capsys):
     assert "host, by time with callees:" in capsys.readouterr().out
 
 
+def test_profile_stacks_name_the_python_that_waits(tmp_path, monkeypatch):
+    """--profile-stacks: the host's waits come with the Python frames that made them. The Trainer logs the
+    loss and gradient norm every step (logging_steps 1) with .item(): an aten::item whose stack names
+    transformers' trainer.py, at least twice a step."""
+    out = _train_speed(tmp_path, monkeypatch, "project", "--profile", "2", "--profile-stacks")
+    waits = json.loads(out.read_text())["rows"][0]["profile"]["waits"]
+    logged = [w for w in waits if w["op"] == "aten::item" and any("transformers/trainer.py" in f for f in w["stack"])]
+    assert sum(w["per_step"] for w in logged) >= 2
+    with pytest.raises(SystemExit, match="needs --profile"):
+        _train_speed(tmp_path, monkeypatch, "project", "--profile-stacks")
+
+
 def test_mode_settings_reject_unknown_keys():
     with pytest.raises(ParamsError, match="not key=value of a TrainParams field"):
         train_speed.mode_settings("project+nope=1", {})
