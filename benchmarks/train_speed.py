@@ -50,6 +50,7 @@ if "unsloth" in modes_arg(sys.argv):
     import unsloth  # noqa: F401  before transformers and peft, which it patches (its modes run alone)
 
 import argparse
+import dataclasses
 import copy
 import gc
 import json
@@ -72,10 +73,19 @@ from gpu_meter import flops_per_token, matmul_rate, mfu, profile_summary, start_
 BASELINE = dict(compute_dtype="float32", answer_loss=False, head_loss="chunked", group_by_length=False, packing=False, pack_tokens=512,
                 gradient_checkpointing=True, keep_frozen_dtype=False, cache_dequantized=False, compile=False,
                 optim="adamw_torch")
-SPEED_KEYS = tuple(BASELINE)  # what a mode sets; the rest of TrainParams is the same in every mode
+# what a mode sets; the rest of TrainParams is the same in every mode. Every speed setting of the params
+# file, not only the baseline's keys: until 2026-11-26 `project` left out lean_nf4, compile_mode,
+# balance_ranks, checkpointed_layers... and ran with their defaults whatever the file said
+SPEED_KEYS = tuple(BASELINE) + tuple(f.name for f in dataclasses.fields(params.SpeedParams)
+                                     if f.name not in BASELINE and f.name != "num_processes")
 # unsloth's own recommendations: bf16, its checkpointing, padded batches (its loss is fused already)
 UNSLOTH = dict(BASELINE, compute_dtype="bfloat16", keep_frozen_dtype=True, optim="adamw_torch_fused")
 TRAINERS = ("baseline", "project", "liger", "unsloth")
+
+
+def project_settings(fp) -> dict:
+    """The `project` mode: the speed settings of a params file's recipe (num_processes: --processes)."""
+    return {k: getattr(fp, k) for k in SPEED_KEYS}
 
 
 def base_settings(name: str, project: dict) -> dict:
@@ -415,7 +425,7 @@ def main():
     from transformers import AutoTokenizer
 
     fp = paramfile.load(a.params)["01_finetune"]
-    project = {k: getattr(fp, k) for k in SPEED_KEYS}
+    project = project_settings(fp)
     tok = AutoTokenizer.from_pretrained(a.tokenizer) if a.tokenizer else models.load_tokenizer(a.model)
     feats = features(tok, a)
     model_dir = models.model_path(a.model) if a.model else random_model(

@@ -1,4 +1,5 @@
 """The benchmark scripts run, and their diagnostics compute what they claim (no timing asserted)."""
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ sys.path.insert(0, str(BENCH))
 import memtrace  # noqa: E402
 import stacks  # noqa: E402
 import train_speed  # noqa: E402
+from lib import paramfile  # noqa: E402
 from lib.paramcheck import ParamsError  # noqa: E402
 from tests.tiny_model import TINY
 
@@ -236,6 +238,18 @@ def test_profile_stacks_name_the_python_that_waits(tmp_path, monkeypatch):
     assert sum(w["per_step"] for w in logged) >= 2
     with pytest.raises(SystemExit, match="needs --profile"):
         _train_speed(tmp_path, monkeypatch, "project", "--profile-stacks")
+
+
+def test_project_mode_takes_every_speed_setting_of_the_params_file():
+    """`project` = the params file's speed settings, all of them: the 7B file's lean_nf4 (which the mode
+    once dropped, running bitsandbytes' layers instead) and the DDP and checkpointing choices."""
+    fp = paramfile.load("params/taiwan-llama-7b.yaml")["01_finetune"]
+    assert fp.lean_nf4  # the file says so; the mode must too
+    project = train_speed.project_settings(dataclasses.replace(fp, checkpointed_layers=3, balance_ranks=True))
+    assert project["lean_nf4"] is True and project["checkpointed_layers"] == 3 and project["balance_ranks"] is True
+    assert project["compute_dtype"] == "bfloat16" and project["optim"] == "adamw_torch_fused"
+    assert "num_processes" not in project  # --processes decides
+    assert train_speed.mode_settings("baseline", project)["compute_dtype"] == "float32"
 
 
 def test_mode_settings_reject_unknown_keys():
