@@ -84,8 +84,9 @@ TRAINERS = ("baseline", "project", "liger", "unsloth")
 
 
 def project_settings(fp) -> dict:
-    """The `project` mode: the speed settings of a params file's recipe (num_processes: --processes)."""
-    return {k: getattr(fp, k) for k in SPEED_KEYS}
+    """The `project` mode: the speed settings of a params file's recipe (num_processes: --processes),
+    and its method (QLoRA, or LoRA on bf16 weights as params/study-lora.yaml)."""
+    return {k: getattr(fp, k) for k in SPEED_KEYS} | {"quantization": fp.quantization}
 
 
 def base_settings(name: str, project: dict) -> dict:
@@ -184,7 +185,7 @@ def build_model(trainer_name: str, model_dir: Path, tok, p, a):
     `liger` with Liger-Kernel's kernels swapped into the base first (what HF's use_liger_kernel=True does)."""
     if trainer_name == "unsloth":
         return unsloth_model(model_dir, tok, p, a)
-    base = models.load_model(p.model, "nf4", p.compute_dtype, a.device)
+    base = models.load_model(p.model, p.quantization, p.compute_dtype, a.device)
     if trainer_name == "liger":
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
 

@@ -249,6 +249,8 @@ def test_project_mode_takes_every_speed_setting_of_the_params_file():
     assert project["lean_nf4"] is True and project["checkpointed_layers"] == 3 and project["balance_ranks"] is True
     assert project["compute_dtype"] == "bfloat16" and project["optim"] == "adamw_torch_fused"
     assert "num_processes" not in project  # --processes decides
+    assert project["quantization"] == "nf4"
+    assert train_speed.project_settings(paramfile.load("params/study-lora.yaml")["01_finetune"])["quantization"] == "none"
     assert train_speed.mode_settings("baseline", project)["compute_dtype"] == "float32"
 
 
