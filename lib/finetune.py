@@ -82,11 +82,7 @@ def _fit(p, train_records, eval_records, out: Path, run: dict) -> FinetuneResult
     if last:
         print(f"resuming from {last}", flush=True)
     t = time.time()
-    try:
-        trainer.train(resume_from_checkpoint=str(last) if last else None)
-    finally:  # a run that failed must not leave skip_guard_eval on for the next one in this process
-        if p.compile:
-            speedups.skip_guards(False)
+    trainer.train(resume_from_checkpoint=str(last) if last else None)
     if p.compile:
         speedups.uncompile(model)
     curve = curve_table(trainer.state.log_history)

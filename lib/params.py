@@ -139,10 +139,6 @@ class SpeedParams:
     checkpointed_layers: int = 0
     compile: bool = False  # torch.compile each decoder layer
     compile_mode: str = "default"  # torch.compile's mode for the layers: reduce-overhead = CUDA graphs (fewer launches)
-    # after 2 steps, run only the guards that tell the compiled layers' variants apart (torch's
-    # skip_guard_eval_unsafe): the 7B step spent 42 ms on guards (0.33 ms a layer call). Unsafe if a later
-    # input needed a new compilation - packed rows keep one shape family, so none does in training
-    skip_guard_eval: bool = False
     lean_nf4: bool = False  # 4-bit layers without bitsandbytes' Python wrappers (lib/nf4.py): same products
     num_processes: int = 1  # data-parallel processes (GPUs) via accelerate launch; grad_accum is split across them
     # DDP all-reduces the gradients in bf16 (half the bytes; the average rounded to bf16). Over NVLink it made no
@@ -160,8 +156,6 @@ class SpeedParams:
         if self.head_loss == "cce":
             _needs_cce()
         _choice("compile_mode", self.compile_mode, COMPILE_MODES)
-        if self.skip_guard_eval and not self.compile:
-            raise ParamsError("skip_guard_eval needs compile: true (the guards are those of the compiled layers)")
         if self.compile_mode != "default" and not self.compile:
             raise ParamsError(f"compile_mode: {self.compile_mode} needs compile: true")
         if self.compile_mode in ("reduce-overhead", "max-autotune") and self.gradient_checkpointing:

@@ -81,12 +81,6 @@ def eager():
     return set_stance("force_eager") if set_stance else contextlib.nullcontext()
 
 
-def skip_guards(on: bool) -> None:
-    """Compiled code runs after only the guards that tell its cached variants apart (on), or after all
-    of them (off, torch's default). Call it outside compiled code; eager() inside keeps working."""
-    torch.compiler.set_stance("default", skip_guard_eval_unsafe=on)
-
-
 def uncompile(model):
     """Undo compile_layers (after training: predictions and later use run eagerly)."""
     for layer in decoder_layers(model):

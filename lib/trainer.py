@@ -260,34 +260,12 @@ def make_trainer(model, tok, feats, eval_records, p, out: Path, collator) -> Tra
 def configure(trainer, p):
     """The recipe's settings a Trainer cannot take as arguments (also for benchmarks/train_speed.py)."""
     trainer.head_loss = p.head_loss  # used by AnswerLossTrainer only
-    if p.skip_guard_eval:
-        trainer.add_callback(GuardSkip())
     if p.ddp_bf16_grads and trainer.accelerator.ddp_handler is not None:
         # accelerate calls this when train() wraps the model in DDP: half the bytes on the wire. Over NVLink
         # (2 x H100) the all-reduce overlaps the backward and the 7B step was no faster (README, "Several GPUs").
         h = trainer.accelerator.ddp_handler
         trainer.accelerator.ddp_handler = _BF16AllReduce(**{f.name: getattr(h, f.name) for f in dataclasses.fields(h)})
     return trainer
-
-
-class GuardSkip(TrainerCallback):
-    """skip_guard_eval: full guards for the first `after` steps of this session (a resumed run compiles
-    again), then only the differentiating ones, back to torch's default when training ends."""
-
-    def __init__(self, after: int = 2):
-        self.after, self.seen = after, 0
-
-    def on_train_begin(self, args, state, control, **kw):
-        self.seen = 0
-        speedups.skip_guards(False)
-
-    def on_step_end(self, args, state, control, **kw):
-        self.seen += 1
-        if self.seen == self.after:  # by now forward, recomputed forward and backward have compiled
-            speedups.skip_guards(True)
-
-    def on_train_end(self, args, state, control, **kw):
-        speedups.skip_guards(False)
 
 
 class _BF16AllReduce(DistributedDataParallelKwargs):

@@ -74,33 +74,6 @@ def test_save_steps_zero_writes_no_checkpoint(tmp_path):
     assert none.curve.eval_ppl.tolist() == pytest.approx(big.curve.eval_ppl.tolist(), rel=1e-6)  # same run otherwise
 
 
-def test_skip_guard_eval_trains_the_same_and_switches_back(tmp_path, monkeypatch):
-    """skip_guard_eval: compiled layers, full guards for 2 steps, then only the differentiating ones (seen
-    on from step 2 to the end), torch's default again after training; the curve is the compiled run's."""
-    from torch._dynamo import eval_frame
-
-    from lib import trainer as trainer_mod
-
-    seen = []
-    step_end = trainer_mod.GuardSkip.on_step_end
-
-    def watched(self, *a, **k):
-        step_end(self, *a, **k)
-        seen.append(eval_frame._stance.skip_guard_eval_unsafe)
-
-    monkeypatch.setattr(trainer_mod.GuardSkip, "on_step_end", watched)
-    tr, ev = data.load_split("data/sample", "train"), data.load_split("data/sample", "public_test", limit=4)
-    kw = dict(max_steps=4, eval_steps=2, save_steps=0, compile=True)
-    full = finetune.finetune(tiny_params(**kw), tr, ev, tmp_path / "full")
-    assert seen == []
-    skip = finetune.finetune(tiny_params(**kw, skip_guard_eval=True), tr, ev, tmp_path / "skip")
-    assert seen == [False, True, True, True] and not eval_frame._stance.skip_guard_eval_unsafe
-    assert skip.curve.eval_ppl.tolist() == pytest.approx(full.curve.eval_ppl.tolist(), rel=1e-6)
-    assert skip.curve.train_loss.dropna().tolist() == pytest.approx(full.curve.train_loss.dropna().tolist(), rel=1e-6)
-    with pytest.raises(params.ParamsError, match="skip_guard_eval needs compile"):
-        tiny_params(skip_guard_eval=True).check()
-
-
 def test_bad_inputs_fail_before_training():
     p = tiny_params(eval_steps=100)
     ev = data.load_split("data/sample", "public_test", limit=2)
