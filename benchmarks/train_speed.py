@@ -1,9 +1,9 @@
 """QLoRA training throughput: the project's trainer vs a naive HF-Trainer baseline, in one run.
 
-Every mode: NF4 + double quant base, LoRA r=64 on all 7 projections, the same records and the same
-effective batch. `baseline` is the seed's recipe run naively: plain `Trainer` (the model's own loss
+Every mode: NF4 + double quant base (`project`: the params file's method, e.g. bf16 LoRA for
+params/study-lora.yaml), LoRA r=64 on all 7 projections, the same records and the same effective batch. `baseline` is the seed's recipe run naively: plain `Trainer` (the model's own loss
 over full logits), fp32 compute, peft's kbit preparation, padding to the longest in a random batch,
-gradient checkpointing. `project` takes the speed settings of a params file (default
+gradient checkpointing. `project` takes every speed setting of a params file (default
 params/course.yaml: what the project uses on a GPU). Any mode can be changed with +key=value
 (TrainParams fields), e.g. `project+compile=false` or `baseline+compute_dtype=bfloat16`.
 
@@ -50,8 +50,8 @@ if "unsloth" in modes_arg(sys.argv):
     import unsloth  # noqa: F401  before transformers and peft, which it patches (its modes run alone)
 
 import argparse
-import dataclasses
 import copy
+import dataclasses
 import gc
 import json
 import os
