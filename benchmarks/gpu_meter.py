@@ -39,9 +39,8 @@ def profile_summary(clock) -> dict:
     time by kind of kernel (gemm, dequantize, attention, ...), top kernels and top ops."""
     events = clock.prof.key_averages()
     n = clock.profile
-    # on the GPU side, a region the code names (DDP's forward, "nccl:all_reduce") spans kernels counted
-    # already: only kernels count (a 2-GPU profile otherwise showed 134 ms of "elementwise" per step)
-    # (and an op's self device time is its kernels' time again: count kernels only)
+    # kernels only: a region the code names on the GPU side (DDP's forward, "nccl:all_reduce") and an op's
+    # self device time both count kernels again (a 2-GPU profile showed 134 ms of phantom "elementwise")
     kernels = [e for e in events if e.device_type.name == "CUDA" and not getattr(e, "is_user_annotation", False)]
     gpu_us = sum(e.self_device_time_total for e in kernels)
     kinds = {}

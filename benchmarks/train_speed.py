@@ -1,9 +1,10 @@
 """QLoRA training throughput: the project's trainer vs a naive HF-Trainer baseline, in one run.
 
 Every mode: NF4 + double quant base (`project`: the params file's method, e.g. bf16 LoRA for
-params/study-lora.yaml), LoRA r=64 on all 7 projections, the same records and the same effective batch. `baseline` is the seed's recipe run naively: plain `Trainer` (the model's own loss
-over full logits), fp32 compute, peft's kbit preparation, padding to the longest in a random batch,
-gradient checkpointing. `project` takes every speed setting of a params file (default
+params/study-lora.yaml), LoRA r=64 on all 7 projections, the same records and the same effective
+batch. `baseline` is the seed's recipe run naively: plain `Trainer` (the model's own loss over full
+logits), fp32 compute, peft's kbit preparation, padding to the longest in a random batch, gradient
+checkpointing. `project` takes every speed setting of a params file (default
 params/course.yaml: what the project uses on a GPU). Any mode can be changed with +key=value
 (TrainParams fields), e.g. `project+compile=false` or `baseline+compute_dtype=bfloat16`.
 
@@ -66,7 +67,7 @@ from transformers import PrinterCallback, TrainerCallback
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project, also when accelerate runs this file
 from lib import collate, data, launch, models, paramfile, params, trainable  # noqa: E402
 from lib.cli import one_line_errors  # noqa: E402
-from lib.trainer import AnswerLossTrainer, BalancedTrainer, configure, is_main, no_cudnn_attention, training_args, world_size  # noqa: E402
+from lib.trainer import configure, is_main, no_cudnn_attention, trainer_class, training_args, world_size  # noqa: E402
 
 from gpu_meter import flops_per_token, matmul_rate, mfu, profile_summary, start_pyspy, sync  # noqa: E402  beside this file
 
@@ -278,8 +279,7 @@ def run(mode, settings, model_dir, feats, tok, a, spy_file=None):
     args.disable_tqdm = True
     if trainer_name == "unsloth":
         args.gradient_checkpointing = False  # unsloth's own checkpointing is in the model already
-    cls = AnswerLossTrainer if p.answer_loss else BalancedTrainer
-    trainer = cls(model=model, args=args, train_dataset=feats, data_collator=collator, callbacks=[clock])
+    trainer = trainer_class(p)(model=model, args=args, train_dataset=feats, data_collator=collator, callbacks=[clock])
     configure(trainer, p)  # the answer loss's LM head, DDP's gradient compression
     trainer.remove_callback(PrinterCallback)  # a line per step and mode drowns the table
     t = time.perf_counter()

@@ -4,7 +4,8 @@ Under DDP every step waits for the rank with the most work. A packed micro-batch
 tokens, and random micro-batches of course records differ: over the 10,000 training records, the longer
 of two micro-batches of 16 (Llama-2 tokens) is 4.3% above their mean on average, of 8 (Qwen) 6.5%.
 Splitting each step's records by tokens leaves the step's records - and so its gradient - as they were,
-and brings those down to 0.3% / 0.8% (README, "Several GPUs": 1.028x the 7B's 2-GPU tokens/s).
+and brings those down to 0.3% / 0.8% (README, "Several GPUs": the 7B's 2-GPU tokens/s 1.03x those of
+random micro-batches on 2 x H100).
 
 transformers' BatchRebalanceSampler does this for padded batches: its cost is batch size x longest
 length, so it gives a group of long records few of them and a group of short ones many. Packed rows

@@ -9,7 +9,7 @@ def make_trainable(model, p):
     """The loaded base model made trainable as p says: LoRA adapters (add_lora) or, with p.full_finetune,
     every weight (full_weights); then the speed settings that apply to both."""
     model = full_weights(model, p) if p.full_finetune else add_lora(model, p)
-    if p.gradient_checkpointing and p.checkpointed_layers:
+    if p.checkpointed_layers:  # params refuse it without gradient_checkpointing
         speedups.checkpoint_only(model, p.checkpointed_layers)
     if p.compile:
         speedups.compile_layers(model, p.compile_mode)

@@ -249,10 +249,14 @@ def no_cudnn_attention():
     torch.backends.cuda.enable_cudnn_sdp(False)
 
 
+def trainer_class(p) -> type:
+    """The Trainer the recipe trains with (also benchmarks/train_speed.py's)."""
+    return AnswerLossTrainer if p.answer_loss else BalancedTrainer
+
+
 def make_trainer(model, tok, feats, eval_records, p, out: Path, collator) -> Trainer:
     no_cudnn_attention()
-    cls = AnswerLossTrainer if p.answer_loss else BalancedTrainer
-    trainer = cls(model=model, args=training_args(p, out, len(feats)), train_dataset=feats, data_collator=collator,
+    trainer = trainer_class(p)(model=model, args=training_args(p, out, len(feats)), train_dataset=feats, data_collator=collator,
                   callbacks=[CurveCallback(tok, eval_records, p, out)])
     return configure(trainer, p)
 

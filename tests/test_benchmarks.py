@@ -236,6 +236,9 @@ def test_profile_stacks_name_the_python_that_waits(tmp_path, monkeypatch):
     waits = json.loads(out.read_text())["rows"][0]["profile"]["waits"]
     logged = [w for w in waits if w["op"] == "aten::item" and any("transformers/trainer.py" in f for f in w["stack"])]
     assert sum(w["per_step"] for w in logged) >= 2
+    # the profiler now records every Python call too: the host's ranking keeps ops only
+    host = json.loads(out.read_text())["rows"][0]["profile"]["host_total_ms"]
+    assert host and not any(".py(" in k[0] or k[0].startswith("<built-in") for k in host)
     with pytest.raises(SystemExit, match="needs --profile"):
         _train_speed(tmp_path, monkeypatch, "project", "--profile-stacks")
 
