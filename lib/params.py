@@ -116,7 +116,12 @@ class OptimParams:
             raise ParamsError("set epochs > 0 or max_steps > 0")
 
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")  # torch.compile's
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # torch.compile's modes that train here
+# torch.compile's CUDA-graph modes, measured on an H100 (benchmarks/README.md) with the layers compiled one by
+# one: under gradient checkpointing the recomputed forward overwrote outputs the backward still needed; without
+# it, every layer after the first ran eagerly ("pending, uninvoked backwards") and the process crashed
+# (segmentation fault, qwen2.5-coder-1.5b, torch 2.11)
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 @dataclass
@@ -138,7 +143,10 @@ class SpeedParams:
     # left out keeps its activations (memory) and skips its recomputed forward (a third of its FLOPs)
     checkpointed_layers: int = 0
     compile: bool = False  # torch.compile each decoder layer
-    compile_mode: str = "default"  # torch.compile's mode for the layers: reduce-overhead = CUDA graphs (fewer launches)
+    compile_mode: str = "default"  # torch.compile's mode for the layers (max-autotune-no-cudagraphs: tuned matmuls)
+    # the compiled layers launch their kernels from generated C++ instead of Python: less host time a kernel
+    # for steps bound by the host (small models), a longer compile
+    cpp_wrapper: bool = False
     lean_nf4: bool = False  # 4-bit layers without bitsandbytes' Python wrappers (lib/nf4.py): same products
     num_processes: int = 1  # data-parallel processes (GPUs) via accelerate launch; grad_accum is split across them
     # DDP all-reduces the gradients in bf16 (half the bytes; the average rounded to bf16). Over NVLink it made no
@@ -155,15 +163,15 @@ class SpeedParams:
         _choice("head_loss", self.head_loss, tuple(HEAD_LOSSES))
         if self.head_loss == "cce":
             _needs_cce()
+        if self.compile_mode in CUDA_GRAPH_MODES:
+            raise ParamsError(f"compile_mode: {self.compile_mode} (CUDA graphs) does not train with the layers "
+                              "compiled one by one: measured on an H100, it overwrote outputs the backward needed "
+                              "under gradient_checkpointing and crashed without it; use default or "
+                              "max-autotune-no-cudagraphs")
         _choice("compile_mode", self.compile_mode, COMPILE_MODES)
-        if self.compile_mode != "default" and not self.compile:
-            raise ParamsError(f"compile_mode: {self.compile_mode} needs compile: true")
-        if self.compile_mode in ("reduce-overhead", "max-autotune") and self.gradient_checkpointing:
-            # measured on an H100 (benchmarks/README.md): the recomputed forward replays a layer's graph and
-            # overwrites the outputs the backward still needs ("accessing tensor output of CUDAGraphs that
-            # has been overwritten by a subsequent run")
-            raise ParamsError(f"compile_mode: {self.compile_mode} (CUDA graphs) fails under gradient_checkpointing: "
-                              "set gradient_checkpointing: false or compile_mode: default")
+        for flag in ("compile_mode", "cpp_wrapper"):
+            if getattr(self, flag) != getattr(SpeedParams, flag) and not self.compile:
+                raise ParamsError(f"{flag}: {getattr(self, flag)} needs compile: true")
         if self.compile:
             import torch
 

@@ -87,11 +87,17 @@ def uncompile(model):
         layer._compiled_call_impl = None
 
 
-def compile_layers(model, mode: str = "default") -> int:
+def compile_layers(model, mode: str = "default", cpp_wrapper: bool = False) -> int:
     """torch.compile each decoder layer in place (their shared code compiles once per shape family).
-    mode "reduce-overhead" also records each layer's kernels as CUDA graphs, replayed with one launch
-    (a graph per packed-row width; CUDA only, plain compiled code on CPU)."""
+    cpp_wrapper: inductor writes each compiled graph's launcher in C++, not Python, so launching its
+    kernels costs the host less; torch.compile takes either a mode or options, so the mode's own options
+    go along."""
+    import torch._inductor
+
+    kw = {"mode": mode}
+    if cpp_wrapper:
+        kw = {"options": {**torch._inductor.list_mode_options(mode), "cpp_wrapper": True}}
     layers = decoder_layers(model)
     for layer in layers:
-        layer.compile(dynamic=True, mode=mode)
+        layer.compile(dynamic=True, **kw)
     return len(layers)

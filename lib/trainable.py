@@ -12,7 +12,7 @@ def make_trainable(model, p):
     if p.checkpointed_layers:  # params refuse it without gradient_checkpointing
         speedups.checkpoint_only(model, p.checkpointed_layers)
     if p.compile:
-        speedups.compile_layers(model, p.compile_mode)
+        speedups.compile_layers(model, p.compile_mode, p.cpp_wrapper)
     return model
 
 

@@ -1,4 +1,6 @@
 """The training speedups change speed and memory, never the numbers."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -222,22 +224,44 @@ def test_lean_nf4_excludes_the_cache():
 
 
 def test_compile_mode_reaches_torch_compile_and_needs_compile(monkeypatch):
-    """The recipe's compile_mode (CUDA graphs: reduce-overhead) is what each decoder layer is compiled
-    with; a mode without compile, or an unknown one, is an error naming the key."""
+    """The recipe's compile_mode is what each decoder layer is compiled with, cpp_wrapper joins the mode's
+    own options; either without compile, an unknown mode or a CUDA-graph mode (it crashed training on an
+    H100) is an error naming the key."""
     seen = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: seen.append((type(self).__name__, kw)))
-    p = params.TrainParams(model=TINY, compile=True, compile_mode="reduce-overhead", gradient_checkpointing=False)
+    p = params.TrainParams(model=TINY, compile=True, compile_mode="max-autotune-no-cudagraphs")
     p.check()
     model = trainable.make_trainable(_tiny_nf4(), p)
     n = len(speedups.decoder_layers(model))
-    assert n > 0 and seen == [("LlamaDecoderLayer", {"dynamic": True, "mode": "reduce-overhead"})] * n
-    with pytest.raises(params.ParamsError, match="fails under gradient_checkpointing"):
-        params.TrainParams(model=TINY, compile=True, compile_mode="reduce-overhead").check()  # as on the H100
-    params.TrainParams(model=TINY, compile=True, compile_mode="max-autotune-no-cudagraphs").check()  # no graphs
-    with pytest.raises(params.ParamsError, match="compile_mode: reduce-overhead needs compile: true"):
-        params.TrainParams(model=TINY, compile_mode="reduce-overhead").check()
+    assert n > 0 and seen == [("LlamaDecoderLayer", {"dynamic": True, "mode": "max-autotune-no-cudagraphs"})] * n
+    seen.clear()
+    trainable.make_trainable(_tiny_nf4(), dataclasses.replace(p, cpp_wrapper=True))
+    options = {"max_autotune": True, "coordinate_descent_tuning": True, "cpp_wrapper": True}  # torch's mode table
+    assert seen == [("LlamaDecoderLayer", {"dynamic": True, "options": options})] * n
+    for mode in ("reduce-overhead", "max-autotune"):
+        for gc in (True, False):
+            with pytest.raises(params.ParamsError, match=f"compile_mode: {mode} .CUDA graphs. does not train"):
+                params.TrainParams(model=TINY, compile=True, compile_mode=mode, gradient_checkpointing=gc).check()
+    with pytest.raises(params.ParamsError, match="compile_mode: max-autotune-no-cudagraphs needs compile: true"):
+        params.TrainParams(model=TINY, compile_mode="max-autotune-no-cudagraphs").check()
+    with pytest.raises(params.ParamsError, match="cpp_wrapper: True needs compile: true"):
+        params.TrainParams(model=TINY, cpp_wrapper=True).check()
     with pytest.raises(params.ParamsError, match="compile_mode"):
         params.TrainParams(model=TINY, compile=True, compile_mode="fast").check()
+
+
+def test_cpp_wrapper_keeps_loss_and_gradients(tiny):
+    """Layers compiled with inductor's C++ launcher train as the plain model does: one step's loss and
+    LoRA gradients (the reference: no compilation at all)."""
+    _, _, tok = tiny
+    feats, _, _ = collate.encode_examples(tok, data.load_split("data/sample", "train", limit=3), "course", 2048)
+    ref = params.TrainParams(model=TINY, compute_dtype="float32", gradient_checkpointing=False)
+    _, loss0, g0 = _step(ref, feats, tok)
+    _, loss, g = _step(dataclasses.replace(ref, compile=True, cpp_wrapper=True), feats, tok)
+    assert loss == pytest.approx(loss0, rel=1e-5)
+    assert g.keys() == g0.keys() and len(g0) > 0
+    for k in g0:
+        torch.testing.assert_close(g[k], g0[k], rtol=1e-4, atol=1e-6)
 
 
 def test_floating_point_ops_is_hf_value(tiny):
