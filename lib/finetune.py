@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import collate, launch, paramfile, results, runs, speedups, trainable
+from . import collate, launch, paramfile, results, reverse, runs, speedups, trainable
 from .embedded import EMBEDDED
 from .models import device_for
 from .trainer import curve_callback, curve_table, make_trainer, planned_steps, world_size
@@ -49,6 +49,7 @@ def finetune(p, train_records, eval_records, out: Path, also=()) -> FinetuneResu
     also: other folders where a finished run of the same recipe and data may be (04 looks in 01's).
     """
     out = Path(out)
+    train_records = reverse.training_records(train_records, p.reverse_pairs, p.seed)
     run = runs.describe(p, train_records, eval_records)
     for folder in (out, *map(Path, also)):
         if p.resume and (summary := runs.finished(folder, run)):

@@ -92,6 +92,9 @@ class OptimParams:
     """Data, batch and optimiser (the seed's: 1 x 16, 5 epochs, lr 2e-4 after 3% warm-up, clip 0.3)."""
 
     train_limit: int = 0  # train on the first N records (0 = all)
+    # also train each pair the other way round (lib/reverse.py): its answer as a request of the other
+    # direction; twice the records, so twice the steps an epoch
+    reverse_pairs: bool = False
     micro_batch_size: int = 1
     grad_accum: int = 16  # effective batch = micro_batch_size * grad_accum
     epochs: float = 5.0
