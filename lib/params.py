@@ -13,10 +13,11 @@ from .paramcheck import (ParamsError, check_types, choice as _choice, fraction a
 __all__ = ["ParamsError"]
 
 
-def method(quantization: str, full_finetune: bool = False) -> str:
+def method(quantization: str, full_finetune: bool = False, reverse_pairs: bool = False) -> str:
     """What a recipe is called: LoRA on a 4-bit NF4 base is QLoRA, on a 16-bit base plain LoRA; every
-    weight trained is full fine-tuning."""
-    return "full fine-tuning" if full_finetune else "QLoRA" if quantization == "nf4" else "LoRA"
+    weight trained is full fine-tuning; trained on each pair both ways round, it says so."""
+    name = "full fine-tuning" if full_finetune else "QLoRA" if quantization == "nf4" else "LoRA"
+    return f"{name}, pairs both ways" if reverse_pairs else name
 
 
 def kept(full_finetune: bool, step: int, num_beams: int = 1, mbr_candidates: int = 1) -> str:

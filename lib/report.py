@@ -92,7 +92,7 @@ def finetune_method(res) -> str:
     """'QLoRA', 'LoRA' or 'full fine-tuning': how 01 fine-tuned (an adapter on a 4-bit NF4 or a 16-bit
     base, or every weight)."""
     used = get(res, "01_finetune")[0]["provenance"]["params"]
-    return method(used.get("quantization", "nf4"), used.get("full_finetune", False))
+    return method(used.get("quantization", "nf4"), used.get("full_finetune", False), used.get("reverse_pairs", False))
 
 
 def tuned_setting(ft_doc) -> str:

@@ -22,9 +22,11 @@ def git_state() -> dict:
         r = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
         return r.stdout.strip() if r.returncode == 0 else None
 
-    commit = git("rev-parse", "HEAD")
-    if commit is None and os.environ.get("CCT_GIT_COMMIT"):  # a copy of the tree without .git (a lent GPU)
+    # a copy of the tree on a lent GPU says which commit it is: its .git, if any, may be an older one
+    # (2026-11-26: a run of d76009f recorded e43039d, dirty, from the copy's stale .git)
+    if os.environ.get("CCT_GIT_COMMIT"):
         return {"commit": os.environ["CCT_GIT_COMMIT"], "dirty": os.environ.get("CCT_GIT_DIRTY") == "1"}
+    commit = git("rev-parse", "HEAD")
     return {"commit": commit, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 

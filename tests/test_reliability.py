@@ -218,3 +218,19 @@ def test_concurrent_writers_of_one_file_never_fail(tmp_path):
     assert errors == []
     assert path.read_text() in {f"writer {i} " * 50 for i in range(8)}
     assert [p.name for p in tmp_path.iterdir()] == ["run.json"]
+
+
+def test_a_stated_commit_wins_over_the_trees_git(monkeypatch):
+    """On a lent GPU the tree's copy may carry an older .git: CCT_GIT_COMMIT, when set, is what a result
+    records; without it, the repository's own HEAD."""
+    import subprocess
+
+    from lib import results
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=results.ROOT).stdout.strip()
+    monkeypatch.delenv("CCT_GIT_COMMIT", raising=False)
+    assert results.git_state()["commit"] == head
+    monkeypatch.setenv("CCT_GIT_COMMIT", "0" * 40)
+    assert results.git_state() == {"commit": "0" * 40, "dirty": False}
+    monkeypatch.setenv("CCT_GIT_DIRTY", "1")
+    assert results.git_state()["dirty"] is True

@@ -65,3 +65,10 @@ def test_a_run_with_reverse_pairs_trains_on_both_ways(tmp_path, capsys):
     assert (plain.summary["n_train"], both.summary["n_train"]) == (8, 15)
     assert "1 of 8 training records ask in a phrasing" in capsys.readouterr().out
     assert reverse.training_records(tr, False) == tr
+
+
+def test_the_method_says_both_ways():
+    from lib import params
+
+    assert params.method("none", True, True) == "full fine-tuning, pairs both ways"
+    assert params.method("nf4", False, False) == "QLoRA"
