@@ -2,6 +2,7 @@
 import pytest
 
 from lib import data, finetune, reverse
+from tests.conftest import COURSE
 from tests.test_train import tiny_params
 
 
@@ -72,3 +73,17 @@ def test_the_method_says_both_ways():
 
     assert params.method("none", True, True) == "full fine-tuning, pairs both ways"
     assert params.method("nf4", False, False) == "QLoRA"
+
+
+@pytest.mark.skipif(not COURSE.exists(), reason="course data not present")
+def test_reversed_course_pairs_never_hand_training_a_test_pair():
+    """On the course files: every training record reverses, and no reversed pair is a public-test pair
+    (its request's text and its answer), so reverse_pairs adds nothing of the test to training."""
+    train, test = data.load_split(COURSE, "train"), data.load_split(COURSE, "public_test")
+    rev = reverse.reversed_records(train)
+    assert len(rev) == len(train) == 10_000
+
+    def pair(r):
+        return reverse.split(r["instruction"])[1].strip(), r["output"].removeprefix("答案：").strip()
+
+    assert not {pair(r) for r in rev} & {pair(r) for r in test}
