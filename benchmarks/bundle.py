@@ -90,8 +90,13 @@ def scripts(root: Path, sha: str, n: int, models, commit: str, with_data: bool):
     d = root / ".stD"
     d.mkdir(exist_ok=True)
     r = 'R=${DEVICE_ROOT:-/root}'
+    # the chunks this machine still lacks, by the folder that carries each: a machine that changed between
+    # staging calls (it happens: one stopped answering mid-way on 2026-11-26) needs only those again
+    missing = f'missing=$(for i in $(seq -f %02g 0 {n - 1}); do [ -f $R/stage/c$i ] || printf " .stG$i"; done)'
     (d / "stage.sh").write_text(f"""# this call's chunk(s) into $DEVICE_ROOT/stage
-{r}; mkdir -p $R/stage && cp .stG*/c* $R/stage/ && echo "staged: $(ls $R/stage | wc -l) of {n}"
+{r}; mkdir -p $R/stage && cp .stG*/c* $R/stage/
+{missing}
+echo "staged: $(ls $R/stage | wc -l) of {n}${{missing:+; missing:$missing}}"
 """)
     link = "mkdir -p data && ln -sfn $R/bundle/raw data/raw\n" if with_data else ""
     (d / "env.sh").write_text(f"""# source first in every command after the setup
@@ -107,7 +112,8 @@ export TOKENIZERS_PARALLELISM=false CCT_GIT_COMMIT={commit}
 set -e
 {r}; bash .stD/stage.sh > /dev/null
 have=$(ls $R/stage | wc -l)
-[ "$have" -eq {n} ] || {{ echo "only $have of {n} chunks staged: make the missing staging calls" >&2; exit 4; }}
+{missing}
+[ -z "$missing" ] || {{ echo "only $have of {n} chunks staged; missing:$missing (a staging call each)" >&2; exit 4; }}
 cat $R/stage/c* > $R/bundle.tar && echo "{sha}  $R/bundle.tar" | sha256sum -c --quiet
 mkdir -p $R/site $R/cct/wheels && tar xf $R/bundle.tar -C $R && rm -rf $R/bundle.tar $R/stage
 if ls $R/bundle/pywhl/*.whl > /dev/null 2>&1; then

@@ -387,7 +387,10 @@ def test_bundle_travels_in_chunks_and_sets_up_a_device(tmp_path):
     r = call(tmp_path / "fresh", None, "source .stD/env.sh && echo ran")
     assert r.returncode == 3 and "ran" not in r.stdout and "no setup on this machine" in r.stderr
     r = call(tmp_path / "partial", chunks[-1], "bash .stD/setup.sh")
-    assert r.returncode == 4 and f"only 1 of {len(chunks)} chunks" in r.stderr
+    named = " ".join(c.name for c in chunks[:-1])
+    assert r.returncode == 4 and f"only 1 of {len(chunks)} chunks staged; missing: {named} " in r.stderr
+    r = call(tmp_path / "changed", chunks[1], "bash .stD/stage.sh")  # a fresh machine half-way through
+    assert r.stdout.startswith(f"staged: 1 of {len(chunks)}; missing: {chunks[0].name} {chunks[2].name}")
     bad = tmp_path / "bad"
     for c in chunks[:-1]:
         call(bad, c, "bash .stD/stage.sh")
