@@ -2,6 +2,7 @@
 import math
 
 from . import report
+from .params import method
 
 
 def _ordering(res) -> str:
@@ -45,6 +46,13 @@ def _ladder(res) -> str:
     by_ppl = list(t.sort_values("best_ppl").model)
     by_bpc = list(t.sort_values("best_bits_per_char").model)
     text = ("**How the ladder scales:** bits per character, zero-shot → fine-tuned: " + "; ".join(parts) + ". ")
+    ladder = report.get(res, "04_plm_compare")[0]["provenance"]["params"]
+    name = method(ladder.get("quantization", "nf4"), ladder.get("full_finetune") or False,
+                  ladder.get("reverse_pairs") or False)
+    if name != report.finetune_method(res):  # e.g. a study whose 01 was rerun under a better recipe
+        text += (f"The ladder trains every model under its own recipe ({name}, {ladder.get('epochs'):g} epochs), "
+                 f"not 01's ({report.finetune_method(res)}): compare its rows with each other, and 01's model "
+                 "with the headline. ")
     if by_ppl != by_bpc:
         text += (f"Per-token perplexity ranks the fine-tuned models {by_ppl}, bits per character {by_bpc}: a "
                  "tokenizer that spends more tokens per character spreads the same uncertainty over more tokens "
@@ -64,8 +72,15 @@ def _curve(res) -> str:
             f"{s['best_step']} (epoch {best_epoch:.1f} of {epochs:.1f}); the last step is {worse:.0f}% worse "
             f"({s['final_ppl']:.2f}). " + ("Past that point the model overfits the training set: train for about "
                                            f"{max(1, math.ceil(best_epoch))} epoch(s), or keep the best adapter, "
-                                           "as this study does." if worse > 2 else
-                                           "The curve has not turned up: more steps may still help."))
+                                           "as this study does." if worse > 2 else _flat_end(p)))
+
+
+def _flat_end(p) -> str:
+    """What a curve that never turned up says, by its schedule."""
+    if p.get("lr_scheduler") in ("cosine", "linear"):
+        return ("The curve has not turned up, and its flat end is the rate decaying to zero: only a longer "
+                "schedule (more epochs, the same decay) would tell whether more training helps.")
+    return "The curve has not turned up: more steps may still help."
 
 
 def text(res) -> str:

@@ -155,3 +155,16 @@ def test_a_full_finetuning_run_is_reported_with_its_kept_model_and_decoding(tmp_
     doc_path.write_text(json.dumps(doc))
     tuned = report.headline(report.load_all(folder)).iloc[-1]
     assert tuned.setting == "best model (step 500), 8 beams, MBR of 8"
+
+
+def test_the_discussion_says_when_the_ladder_is_not_01s_recipe():
+    """A study whose 01 was rerun under another recipe (the reverse study: full fine-tuning, pairs both ways)
+    says that 04's ladder trained under its own (QLoRA, 2 epochs), and that a curve ending flat under a
+    decaying rate is the schedule's; the seed-recipe study says neither and names its overfitting."""
+    from lib import discussion
+
+    t = discussion.text(report.load_all(ROOT / "reports/course-H100-full-reverse"))
+    assert "its own recipe (QLoRA, 2 epochs), not 01's (full fine-tuning, pairs both ways)" in t
+    assert "its flat end is the rate decaying to zero" in t
+    t = discussion.text(report.load_all(ROOT / "reports/course-H200"))
+    assert "its own recipe" not in t and "decaying to zero" not in t and "overfits the training set" in t
