@@ -2,7 +2,6 @@
 import math
 
 from . import report
-from .params import method
 
 
 def _ordering(res) -> str:
@@ -46,13 +45,11 @@ def _ladder(res) -> str:
     by_ppl = list(t.sort_values("best_ppl").model)
     by_bpc = list(t.sort_values("best_bits_per_char").model)
     text = ("**How the ladder scales:** bits per character, zero-shot → fine-tuned: " + "; ".join(parts) + ". ")
-    ladder = report.get(res, "04_plm_compare")[0]["provenance"]["params"]
-    name = method(ladder.get("quantization", "nf4"), ladder.get("full_finetune") or False,
-                  ladder.get("reverse_pairs") or False)
-    if name != report.finetune_method(res):  # e.g. a study whose 01 was rerun under a better recipe
-        text += (f"The ladder trains every model under its own recipe ({name}, {ladder.get('epochs'):g} epochs), "
-                 f"not 01's ({report.finetune_method(res)}): compare its rows with each other, and 01's model "
-                 "with the headline. ")
+    name, tuned = report.finetune_method(res, "04_plm_compare"), report.finetune_method(res)
+    if name != tuned:  # e.g. a study whose 01 was rerun under a better recipe
+        epochs = report.get(res, "04_plm_compare")[0]["provenance"]["params"].get("epochs")
+        text += (f"The ladder trains every model under its own recipe ({name}, {epochs:g} epochs), not 01's "
+                 f"({tuned}): compare its rows with each other, and 01's model with the headline. ")
     if by_ppl != by_bpc:
         text += (f"Per-token perplexity ranks the fine-tuned models {by_ppl}, bits per character {by_bpc}: a "
                  "tokenizer that spends more tokens per character spreads the same uncertainty over more tokens "

@@ -88,10 +88,10 @@ def _chrf(scores: pd.DataFrame, setting_prefix: str) -> dict:
     return dict(zip(rows.direction, rows.chrF))
 
 
-def finetune_method(res) -> str:
-    """'QLoRA', 'LoRA' or 'full fine-tuning': how 01 fine-tuned (an adapter on a 4-bit NF4 or a 16-bit
-    base, or every weight)."""
-    used = get(res, "01_finetune")[0]["provenance"]["params"]
+def finetune_method(res, notebook: str = "01_finetune") -> str:
+    """'QLoRA', 'LoRA' or 'full fine-tuning' (', pairs both ways'): how a notebook's run fine-tuned (an
+    adapter on a 4-bit NF4 or a 16-bit base, or every weight), 01's unless another is named (04's ladder)."""
+    used = get(res, notebook)[0]["provenance"]["params"]
     return method(used.get("quantization", "nf4"), used.get("full_finetune", False), used.get("reverse_pairs", False))
 
 

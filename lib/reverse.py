@@ -44,12 +44,12 @@ def reversed_records(records, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     out = []
     for r in records:
-        found = split(r["instruction"])
-        if found is None or data.direction(r["instruction"]) not in OTHER:
+        found, way = split(r["instruction"]), data.direction(r["instruction"])
+        if found is None or way not in OTHER:
             continue
         (_, prefix), text = found
-        answer = r["output"].removeprefix(prefix) if prefix else r["output"]
-        request, new_prefix = rng.choice(by_direction[OTHER[data.direction(r["instruction"])]])
+        answer = r["output"].removeprefix(prefix)
+        request, new_prefix = rng.choice(by_direction[OTHER[way]])
         instruction = request.replace("{X}", answer)
         out.append({"id": f"{r['id']}-reversed", "instruction": instruction, "output": new_prefix + text,
                     "direction": data.direction(instruction)})
