@@ -215,6 +215,7 @@ def training_args(p, out: Path, n_train: int) -> TrainingArguments:
         use_cpu=(device_for(p.device) == "cpu"), remove_unused_columns=False,
         dataloader_num_workers=0, disable_tqdm=False, save_only_model=False,
         ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient; the search costs a pass
+        ddp_broadcast_buffers=False if p.ddp_lean else None,
         train_sampling_strategy=sampling_strategy(p),
         # gradient checkpointing is set up by lib.trainable (peft's kbit preparation)
     )
@@ -264,6 +265,9 @@ def make_trainer(model, tok, feats, eval_records, p, out: Path, collator) -> Tra
 def configure(trainer, p):
     """The recipe's settings a Trainer cannot take as arguments (also for benchmarks/train_speed.py)."""
     trainer.head_loss = p.head_loss  # used by AnswerLossTrainer only
+    if p.ddp_lean and trainer.accelerator.ddp_handler is not None:
+        # HF's arguments have no gradient_as_bucket_view; accelerate reads the handler when train() wraps
+        trainer.accelerator.ddp_handler.gradient_as_bucket_view = True
     if p.ddp_bf16_grads and trainer.accelerator.ddp_handler is not None:
         # accelerate calls this when train() wraps the model in DDP: half the bytes on the wire. Over NVLink
         # (2 x H100) the all-reduce overlaps the backward and the 7B step was no faster (README, "Several GPUs").

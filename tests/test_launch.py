@@ -108,6 +108,31 @@ def test_bf16_gradient_all_reduce_is_used_and_stays_close(tmp_path):
     assert _log(two) == pytest.approx(_log(one), rel=5e-3)  # measured: at most 6e-4
 
 
+def test_lean_ddp_reaches_ddp_and_keeps_the_one_process_run(tmp_path):
+    """ddp_lean: HF's arguments broadcast no buffers and accelerate's DDP handler makes gradients views of
+    the buckets (where train() reads them); 2 processes so configured train the 1-process losses, gradient
+    norms and curve (fp32 all-reduce, as plain DDP does above), the optimizer stepping through the views."""
+    import types
+
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    from lib import params, trainer
+
+    lean = params.FinetuneParams(ddp_lean=True)
+    assert trainer.training_args(lean, tmp_path, 40).ddp_broadcast_buffers is False
+    assert trainer.training_args(params.FinetuneParams(), tmp_path, 40).ddp_broadcast_buffers is None
+    for p, views in ((lean, True), (params.FinetuneParams(), False), (params.FinetuneParams(ddp_lean=True, ddp_bf16_grads=True), True)):
+        stand_in = types.SimpleNamespace(accelerator=types.SimpleNamespace(ddp_handler=DistributedDataParallelKwargs()))
+        h = trainer.configure(stand_in, p).accelerator.ddp_handler
+        assert h.to_kwargs().get("gradient_as_bucket_view", False) is views
+    one = launch.run(_cfg(tmp_path, 1), tmp_path / "one", 1, cpu=True)
+    two = launch.run(_cfg(tmp_path, 2, ddp_lean=True), tmp_path / "two", 2, cpu=True)
+    assert _log(two) == pytest.approx(_log(one), rel=1e-5)
+    c1, c2 = pd.read_csv(one / "curve.csv"), pd.read_csv(two / "curve.csv")
+    assert c2.eval_ppl.to_numpy() == pytest.approx(c1.eval_ppl.to_numpy(), rel=1e-5)
+    assert c2.eval_ppl.iloc[-1] < c2.eval_ppl.iloc[0]
+
+
 def test_balanced_ranks_two_processes_are_the_one_process_run(tmp_path):
     """balance_ranks: each step's records split by tokens (lib.sampler) - 1 process accumulating 4
     micro-batches or 2 processes 2 each train the same records per step: the same losses, gradient norms
