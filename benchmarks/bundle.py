@@ -14,9 +14,9 @@ Writes in the repository root (kept out of git through .git/info/exclude's `/.st
                          course data as data/raw, the commit for provenance, and exit 3 at once on a fresh
                          machine without the setup (a call more than 30 s after the last may get one)
 `--scripts-only` rewrites .stD/ (e.g. after a commit) and leaves the chunks; `--resplit` cuts the same bundle
-again into chunks that fit beside today's tree (it grows with every published study: 56-MiB chunks made
-beside a 12-MiB tree no longer travelled beside a 14.5-MiB one), sha256 checked, nothing rebuilt. Calls must follow each other
-within the machine's 30 s idle window. benchmarks/README.md says what goes in `--wheels`.
+again into chunks that fit beside today's tree (it grows with every published study: 51-MiB chunks no longer
+travelled beside a 14.5-MiB tree), sha256 checked, nothing rebuilt. Calls must follow each other within the
+machine's 30 s idle window. benchmarks/README.md says what goes in `--wheels`.
 """
 import argparse
 import hashlib
