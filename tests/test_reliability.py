@@ -1,6 +1,7 @@
 """Bad files, bad params and kills, as a new user meets them: each gets one clear line, nothing is lost.
 
 One test per row of the reliability issue (its numbers in the names)."""
+import dataclasses
 import json
 import signal
 import subprocess
@@ -77,6 +78,14 @@ def test_03b_a_finished_run_is_read_back_not_trained(tmp_path, capsys):
     again = finetune.finetune(p, tr, ev, tmp_path)
     assert "reusing the finished run" in capsys.readouterr().out and again.model is None
     assert again.curve.eval_ppl.tolist() == pytest.approx(first.curve.eval_ppl.tolist())
+    # how the same work is launched is not the recipe: still read back; how it is computed is
+    lean = finetune.finetune(dataclasses.replace(p, ddp_lean=True), tr, ev, tmp_path)
+    assert lean.model is None and lean.curve.eval_ppl.tolist() == pytest.approx(first.curve.eval_ppl.tolist())
+    same = lambda **kw: runs.describe(dataclasses.replace(p, **kw), tr, ev)["fingerprint"] == runs.describe(p, tr, ev)["fingerprint"]
+    assert same(ddp_lean=True, logging_steps=3) and not same(compile=not p.compile)
+    compiled = dataclasses.replace(p, compile=True)
+    assert runs.describe(dataclasses.replace(compiled, cpp_wrapper=True), tr, ev) == runs.describe(compiled, tr, ev)
+    assert not same(ddp_bf16_grads=True)  # bf16-rounded sums: another curve
 
 
 def test_04_a_record_without_answer_room(tmp_path, tiny):
