@@ -47,7 +47,7 @@ def _ladder(res) -> str:
     text = ("**How the ladder scales:** bits per character, zero-shot → fine-tuned: " + "; ".join(parts) + ". ")
     name, tuned = report.finetune_method(res, "04_plm_compare"), report.finetune_method(res)
     if name != tuned:  # e.g. a study whose 01 was rerun under a better recipe
-        epochs = report.get(res, "04_plm_compare")[0]["provenance"]["params"].get("epochs")
+        epochs = report.ran_with(res, "04_plm_compare").get("epochs")
         text += (f"The ladder trains every model under its own recipe ({name}, {epochs:g} epochs), not 01's "
                  f"({tuned}): compare its rows with each other, and 01's model with the headline. ")
     if by_ppl != by_bpc:

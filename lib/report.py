@@ -60,9 +60,14 @@ def group_of(name: str) -> str:
     return "model and data"
 
 
+def ran_with(res, notebook: str = "01_finetune") -> dict:
+    """The params a notebook ran with, as its results recorded them."""
+    return get(res, notebook)[0]["provenance"]["params"]
+
+
 def hyperparameters(res) -> pd.DataFrame:
     """Every field of the fine-tuning recipe as 01 ran it, by group (derived from TrainParams)."""
-    params = get(res, "01_finetune")[0]["provenance"]["params"]
+    params = ran_with(res)
     names = [f for f in TrainParams.__dataclass_fields__ if f not in ("run", "out_dir")]
     return pd.DataFrame([{"group": group_of(k), "parameter": k, "value": str(params[k])} for k in names if k in params])
 
@@ -91,7 +96,7 @@ def _chrf(scores: pd.DataFrame, setting_prefix: str) -> dict:
 def finetune_method(res, notebook: str = "01_finetune") -> str:
     """'QLoRA', 'LoRA' or 'full fine-tuning' (', pairs both ways'): how a notebook's run fine-tuned (an
     adapter on a 4-bit NF4 or a 16-bit base, or every weight), 01's unless another is named (04's ladder)."""
-    used = get(res, notebook)[0]["provenance"]["params"]
+    used = ran_with(res, notebook)
     return method(used.get("quantization", "nf4"), used.get("full_finetune", False), used.get("reverse_pairs", False))
 
 
