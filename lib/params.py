@@ -157,9 +157,10 @@ class SpeedParams:
     # DDP all-reduces the gradients in bf16 (half the bytes; the average rounded to bf16). Over NVLink it made no
     # difference (2 x H100, README): for hosts whose GPUs talk over PCIe or a network
     ddp_bf16_grads: bool = False
-    # DDP without two of its per-step extras: each gradient is a view of its all-reduce bucket (no copy into
-    # and out of the buckets: 392 LoRA tensors on qwen2.5-1.5B) and no broadcast of the buffers (rotary
-    # frequencies, the same on every rank) before each forward. The same sums; for host-bound steps, where
+    # DDP without three of its per-step extras: each gradient is a view of its all-reduce bucket (no copy into
+    # and out of the buckets: 392 LoRA tensors on qwen2.5-1.5B), no broadcast of the buffers (rotary
+    # frequencies, the same on every rank) before each forward, and each compiled layer left one graph
+    # (dynamo's DDPOptimizer cut each of the 1.5B's in two). The same sums; for host-bound steps, where
     # DDP cost the 1.5B +0.07 s a step (2 x H100, benchmarks/README.md)
     ddp_lean: bool = False
 

@@ -268,6 +268,15 @@ def configure(trainer, p):
     if p.ddp_lean and trainer.accelerator.ddp_handler is not None:
         # HF's arguments have no gradient_as_bucket_view; accelerate reads the handler when train() wraps
         trainer.accelerator.ddp_handler.gradient_as_bucket_view = True
+    if p.ddp_lean:
+        # Under DDP, dynamo's DDPOptimizer cuts every compiled graph where a gradient bucket would end, the
+        # first bucket of each graph at 1 MB: each compiled decoder layer of qwen2.5-1.5B (~10 MB of LoRA)
+        # became two graphs, each with its own launches and autograd node, on a host-bound step. The layers
+        # are compiled one by one, so their gradients already arrive layer by layer for the all-reduce to
+        # overlap; the cut buys nothing here. Process-wide; a one-process run never meets it
+        import torch._dynamo
+
+        torch._dynamo.config.optimize_ddp = False
     if p.ddp_bf16_grads and trainer.accelerator.ddp_handler is not None:
         # accelerate calls this when train() wraps the model in DDP: half the bytes on the wire. Over NVLink
         # (2 x H100) the all-reduce overlaps the backward and the 7B step was no faster (README, "Several GPUs").
