@@ -160,9 +160,9 @@ class SpeedParams:
     # DDP without three of its per-step extras: each gradient is a view of its all-reduce bucket (no copy into
     # and out of the buckets: 392 LoRA tensors on qwen2.5-1.5B), no broadcast of the buffers (rotary
     # frequencies, the same on every rank) before each forward, and each compiled layer left one graph
-    # (dynamo's DDPOptimizer cut each of the 1.5B's in two). The same sums; for host-bound steps, where
-    # DDP cost the 1.5B +0.07 s a step (2 x H100, benchmarks/README.md)
-    ddp_lean: bool = False
+    # (dynamo's DDPOptimizer cut each of the 1.5B's in two). The same sums. On 2 x H100 it took 01's
+    # host-bound 1.5B step from 1.38x to 1.96x one GPU (benchmarks/README.md); false: DDP as torch sets it up
+    ddp_lean: bool = True
 
     def check(self):
         _positive(self, "pack_tokens", "num_processes")

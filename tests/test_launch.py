@@ -120,8 +120,8 @@ def test_lean_ddp_reaches_ddp_and_keeps_the_one_process_run(tmp_path):
 
     lean = params.FinetuneParams(ddp_lean=True)
     assert trainer.training_args(lean, tmp_path, 40).ddp_broadcast_buffers is False
-    assert trainer.training_args(params.FinetuneParams(), tmp_path, 40).ddp_broadcast_buffers is None
-    for p, views in ((lean, True), (params.FinetuneParams(), False), (params.FinetuneParams(ddp_lean=True, ddp_bf16_grads=True), True)):
+    assert trainer.training_args(params.FinetuneParams(ddp_lean=False), tmp_path, 40).ddp_broadcast_buffers is None
+    for p, views in ((lean, True), (params.FinetuneParams(ddp_lean=False), False), (params.FinetuneParams(ddp_lean=True, ddp_bf16_grads=True), True)):
         stand_in = types.SimpleNamespace(accelerator=types.SimpleNamespace(ddp_handler=DistributedDataParallelKwargs()))
         h = trainer.configure(stand_in, p).accelerator.ddp_handler
         assert h.to_kwargs().get("gradient_as_bucket_view", False) is views

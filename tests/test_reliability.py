@@ -79,12 +79,12 @@ def test_03b_a_finished_run_is_read_back_not_trained(tmp_path, capsys):
     assert "reusing the finished run" in capsys.readouterr().out and again.model is None
     assert again.curve.eval_ppl.tolist() == pytest.approx(first.curve.eval_ppl.tolist())
     # how the same work is launched is not the recipe: still read back; how it is computed is
-    lean = finetune.finetune(dataclasses.replace(p, ddp_lean=True), tr, ev, tmp_path)
+    lean = finetune.finetune(dataclasses.replace(p, ddp_lean=not p.ddp_lean), tr, ev, tmp_path)
     assert lean.model is None and lean.curve.eval_ppl.tolist() == pytest.approx(first.curve.eval_ppl.tolist())
     def same(base=p, **kw):
         return runs.describe(dataclasses.replace(base, **kw), tr, ev) == runs.describe(base, tr, ev)
 
-    assert same(ddp_lean=True, logging_steps=3) and same(dataclasses.replace(p, compile=True), cpp_wrapper=True)
+    assert same(ddp_lean=not p.ddp_lean, logging_steps=3) and same(dataclasses.replace(p, compile=True), cpp_wrapper=True)
     assert not same(compile=not p.compile) and not same(ddp_bf16_grads=True)  # bf16-rounded sums: another curve
 
 
