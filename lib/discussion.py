@@ -62,14 +62,29 @@ def _ladder(res) -> str:
 def _curve(res) -> str:
     doc = report.get(res, "01_finetune")[0]
     s, p = doc["summary"], doc["provenance"]["params"]
+    soup = s.get("soup")
+    # a soup's curve numbers (zero-shot, last) are its first run's: so is the best point read against them
+    best_ppl, best_step = (soup["members"][0]["eval_ppl"], soup["members"][0]["best_step"]) if soup else (s["best_ppl"], s["best_step"])
     per_epoch = math.ceil(s["n_train"] / (p["micro_batch_size"] * p["grad_accum"]))
-    best_epoch, epochs = s["best_step"] / per_epoch, s["steps"] / per_epoch
-    worse = (s["final_ppl"] - s["best_ppl"]) / s["best_ppl"] * 100
-    return (f"**What the learning curve says:** the best public-test perplexity, {s['best_ppl']:.2f}, comes at step "
-            f"{s['best_step']} (epoch {best_epoch:.1f} of {epochs:.1f}); the last step is {worse:.0f}% worse "
+    best_epoch, epochs = best_step / per_epoch, s["steps"] / per_epoch
+    worse = (s["final_ppl"] - best_ppl) / best_ppl * 100
+    return (f"**What the learning curve says:** the best public-test perplexity{' of the first run' if soup else ''}, "
+            f"{best_ppl:.2f}, comes at step "
+            f"{best_step} (epoch {best_epoch:.1f} of {epochs:.1f}); the last step is {worse:.0f}% worse "
             f"({s['final_ppl']:.2f}). " + ("Past that point the model overfits the training set: train for about "
                                            f"{max(1, math.ceil(best_epoch))} epoch(s), or keep the best adapter, "
-                                           "as this study does." if worse > 2 else _flat_end(p)))
+                                           "as this study does." if worse > 2 else _flat_end(p))
+            + (" " + _soup(soup) if soup else ""))
+
+
+def _soup(soup) -> str:
+    """The soup against its runs alone, each scored by the same code (lib.finetune)."""
+    runs = "; ".join(f"seed {m['seed']}: {m['eval_ppl']:.2f} / {m['eval_bits_per_char']:.3f}" for m in soup["members"])
+    gain = min(m["eval_ppl"] for m in soup["members"]) / soup["soup"]["eval_ppl"] - 1
+    return (f"The study's model is a soup: the weights of {len(soup['members'])} runs' best models (seeds differing only) "
+            f"averaged, {soup['soup']['eval_ppl']:.2f} mean perplexity / {soup['soup']['eval_bits_per_char']:.3f} bits "
+            f"per character against the runs alone ({runs}): {'better' if gain > 0 else 'no better'} than the "
+            f"best of them ({gain:+.1%} in mean perplexity).")
 
 
 def _flat_end(p) -> str:

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
-from . import collate, launch, paramfile, results, reverse, runs, speedups, trainable
+from . import collate, evaluate, launch, models, paramfile, prompts, results, reverse, runs, soup, speedups, trainable
 from .embedded import EMBEDDED
 from .models import device_for
-from .trainer import curve_callback, curve_table, make_trainer, planned_steps, world_size
+from .trainer import curve_callback, curve_row, curve_table, make_trainer, planned_steps, world_size
 
 
 @dataclass
@@ -49,6 +50,8 @@ def finetune(p, train_records, eval_records, out: Path, also=()) -> FinetuneResu
     also: other folders where a finished run of the same recipe and data may be (04 looks in 01's).
     """
     out = Path(out)
+    if p.soup_seeds > 1:
+        return _soup(p, train_records, eval_records, out)
     train_records = reverse.training_records(train_records, p.reverse_pairs, p.seed)
     run = runs.describe(p, train_records, eval_records)
     for folder in (out, *map(Path, also)):
@@ -65,7 +68,8 @@ def finetune(p, train_records, eval_records, out: Path, also=()) -> FinetuneResu
 
 
 def _read_back(folder: Path, summary: dict, name: str) -> FinetuneResult:
-    return FinetuneResult(pd.read_csv(folder / "curve.csv").assign(model=name), summary, folder)
+    curve = pd.read_csv(folder / "curve.csv")
+    return FinetuneResult(curve if "model" in curve else curve.assign(model=name), summary, folder)  # a soup names its runs
 
 
 def _fit(p, train_records, eval_records, out: Path, run: dict) -> FinetuneResult:
@@ -114,3 +118,47 @@ def _fit(p, train_records, eval_records, out: Path, run: dict) -> FinetuneResult
         model.save_pretrained(out / "final_adapter")
         runs.save_finished(out, summary, curve)
     return FinetuneResult(curve.assign(model=p.model), summary, out, model, tok)
+
+
+def _soup(p, train_records, eval_records, out: Path) -> FinetuneResult:
+    """p.soup_seeds runs (each in out/seed-<seed>, trained or read back like any run), their best models
+    averaged into out/best_adapter (the model 01 goes on with), each member and the soup scored alike."""
+    run = runs.describe(p, reverse.training_records(train_records, p.reverse_pairs, p.seed), eval_records)
+    if p.resume and (summary := runs.finished(out, run)):
+        print(f"{p.model}: reusing the finished soup in {out} (same recipe and data)", flush=True)
+        return _read_back(out, summary, p.model)
+    runs.claim(out, run, p.resume)
+    members = {q.seed: finetune(q, train_records, eval_records, soup.member_dir(out, q)) for q in soup.member_params(p)}
+    for m in members.values():
+        m.model = None  # a trained copy in this process goes before the members are loaded again
+    tok = models.load_tokenizer(p.model)
+    prompts_ = [prompts.build(r["instruction"], p.template) for r in eval_records]
+
+    def score(model):
+        with torch.no_grad():
+            df = evaluate.score_records(model.eval(), tok, eval_records, prompts_, p.eval_batch_size, p.max_length)
+        return curve_row(df)
+
+    # every member's best model scored by the same code as the soup (its curve's best row was scored inside
+    # training): the table compares like with like
+    scored = {}
+    folders = [m.out / "best_adapter" for m in members.values()]
+    model = soup.make(lambda f: trainable.load_adapted(p, f)[0], folders, out / "best_adapter",
+                      each=lambda m, f: scored.setdefault(f.parent.name, score(m)))
+    mixed = score(model)
+    first = next(iter(members.values())).summary
+    best_step = max(m.summary["best_step"] for m in members.values())
+    curve = pd.concat([m.curve.assign(run=f"seed {seed}", model=f"{p.model}, seed {seed}") for seed, m in members.items()]
+                      + [pd.DataFrame([{"step": best_step, **mixed, "run": "soup", "model": f"{p.model}, soup"}])],
+                      ignore_index=True)
+    summary = {
+        **first,  # the curve's own numbers (zero-shot, last, steps, speed) are the first member's
+        "fingerprint": run["fingerprint"], "best_ppl": mixed["eval_ppl"], "best_bits_per_char": mixed["eval_bits_per_char"],
+        "best_step": best_step, "train_s": round(sum(m.summary["train_s"] for m in members.values()), 1),
+        "soup": {"seeds": list(members), "soup": mixed,
+                 "members": [{"seed": seed, "best_step": m.summary["best_step"], **scored[f"seed-{seed}"]}
+                             for seed, m in members.items()]},
+    }
+    runs.save_finished(out, summary, curve)
+    del model
+    return FinetuneResult(curve, summary, out)

@@ -20,10 +20,11 @@ def method(quantization: str, full_finetune: bool = False, reverse_pairs: bool =
     return f"{name}, pairs both ways" if reverse_pairs else name
 
 
-def kept(full_finetune: bool, step: int, num_beams: int = 1, mbr_candidates: int = 1) -> str:
+def kept(full_finetune: bool, step: int, num_beams: int = 1, mbr_candidates: int = 1, soup_seeds: int = 1) -> str:
     """What 01 keeps and how its answers are decoded: 'best adapter (step 500)', 'best model (step 625),
-    4 beams', '..., 8 beams, MBR of 8' (full fine-tuning keeps the whole model; chrF depends on the decoding)."""
-    what = "best model" if full_finetune else "best adapter"
+    4 beams', '..., 8 beams, MBR of 8', 'soup of 2 seeds' best models (step 1250)' (full fine-tuning keeps
+    the whole model; chrF depends on the decoding)."""
+    what = f"soup of {soup_seeds} seeds' best models" if soup_seeds > 1 else "best model" if full_finetune else "best adapter"
     return (f"{what} (step {step})" + (f", {num_beams} beams" if num_beams > 1 else "")
             + (f", MBR of {mbr_candidates}" if mbr_candidates > 1 else ""))
 
@@ -109,9 +110,15 @@ class OptimParams:
     optim: str = "adamw_torch"  # adamw_torch_fused: the same AdamW in one kernel per step
     gradient_checkpointing: bool = True
     neftune_noise_alpha: float = 0.0  # > 0: NEFTune's uniform noise on the input embeddings in training (5 is usual)
+    # > 1: train this many runs (seeds seed, seed + 1, ...; each resumable and read back like any run) and keep
+    # the average of their best models' weights, a model soup (lib/soup.py); full fine-tuning only
+    soup_seeds: int = 1
 
     def check(self):
-        _positive(self, "micro_batch_size", "grad_accum", "learning_rate")
+        _positive(self, "micro_batch_size", "grad_accum", "learning_rate", "soup_seeds")
+        if self.soup_seeds > 1 and not getattr(self, "full_finetune", False):
+            raise ParamsError("soup_seeds > 1 averages whole models: it needs full_finetune: true (two LoRA "
+                              "adapters' A and B matrices do not average into the average of their updates)")
         _non_negative(self, "train_limit", "max_steps", "max_grad_norm", "weight_decay", "neftune_noise_alpha")
         _choice("lr_scheduler", self.lr_scheduler, ("constant", "constant_with_warmup", "linear", "cosine"))
         _choice("optim", self.optim, ("adamw_torch", "adamw_torch_fused"))

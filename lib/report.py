@@ -104,7 +104,7 @@ def tuned_setting(ft_doc) -> str:
     """params.kept() of 01's run, from its results."""
     used = ft_doc["provenance"]["params"]
     return kept(used.get("full_finetune", False), ft_doc["summary"]["best_step"], used.get("num_beams", 1),
-                used.get("mbr_candidates", 1))
+                used.get("mbr_candidates", 1), used.get("soup_seeds", 1))
 
 
 def headline(res) -> pd.DataFrame:
@@ -116,7 +116,10 @@ def headline(res) -> pd.DataFrame:
     best = fs_doc["summary"]["best"]
     pe = fs["per_example"]
     few = pe[(pe.strategy == best["strategy"]) & (pe.k == best["k"])]
-    curve = ft["curve"].set_index("step").loc[ft_doc["summary"]["best_step"]]
+    rows = ft["curve"]
+    if "run" in rows:  # a soup's curve: its members' curves and the soup's own row (lib.finetune)
+        rows = rows[rows.run == "soup"]
+    curve = rows.set_index("step").loc[ft_doc["summary"]["best_step"]]
     suffix = {d: "" if d == "all" else f"_{d}" for d in DIRECTIONS}  # the curve's column per direction
     tuned = {d: (curve[f"eval_ppl{s}"], curve[f"eval_bits_per_char{s}"]) for d, s in suffix.items()
              if f"eval_ppl{s}" in curve}

@@ -55,6 +55,14 @@ def check_finite(step: int, values: dict):
                                "learning_rate or max_grad_norm, or compute_dtype: float32")
 
 
+def curve_row(df) -> dict:
+    """A learning-curve row from per-example scores: mean ppl and bits per char, overall and per direction."""
+    row = {"eval_ppl": float(df.ppl.mean()), "eval_bits_per_char": evaluate.bits_per_char(df)}
+    for d, g in df.groupby("direction"):
+        row[f"eval_ppl_{d}"], row[f"eval_bits_per_char_{d}"] = float(g.ppl.mean()), evaluate.bits_per_char(g)
+    return row
+
+
 class CurveCallback(TrainerCallback):
     """Course-metric perplexity on the eval set every eval_steps (and at steps 0 and last).
 
@@ -90,10 +98,7 @@ class CurveCallback(TrainerCallback):
         model.eval()
         df = self._score(model)
         model.train()
-        row = {"step": state.global_step, "eval_ppl": float(df.ppl.mean()),
-               "eval_bits_per_char": evaluate.bits_per_char(df)}
-        for d, g in df.groupby("direction"):
-            row[f"eval_ppl_{d}"], row[f"eval_bits_per_char_{d}"] = float(g.ppl.mean()), evaluate.bits_per_char(g)
+        row = {"step": state.global_step, **curve_row(df)}
         check_finite(state.global_step, {"eval_ppl": row["eval_ppl"]})
         state.log_history.append(row)
         if state.best_metric is None or row["eval_ppl"] < state.best_metric:
