@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lib import data, evaluate, finetune, params, prompts, soup, trainable
+from lib import data, evaluate, finetune, paramfile, params, prompts, soup, trainable
 from tests.test_train import tiny_params
 from tests.tiny_model import TINY
 
@@ -122,3 +122,32 @@ def test_the_report_takes_a_soups_own_row(tmp_path):
     assert f"best public-test perplexity of the first run, {member:.2f}, comes at step {doc['summary']['best_step']}" in said
     assert f"(seed 0: {member:.2f} / 2.700; seed 1: {member * 1.1:.2f} / 2.800): better than the best of them " \
            f"({member / 7.0 - 1:+.1%} in mean perplexity)" in said
+
+
+def test_soup_runs_train_side_by_side_from_the_command_line_and_are_read_back(tmp_path, capsys):
+    """`python -m lib.train P --out D --soup-member K` trains the K-th run alone into D/seed-<seed>; two
+    started at once, the soup's 01 then reads both back instead of training them; a K out of range is
+    a one-line error."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from lib import ROOT
+
+    f = tmp_path / "p.yaml"
+    f.write_text(yaml.safe_dump({"common": {"model": TINY, "eval_limit": 6, "quantization": "none"}, "train": {
+        "full_finetune": True, "soup_seeds": 2, "max_steps": 4, "eval_steps": 2, "save_steps": 0, "micro_batch_size": 4,
+        "grad_accum": 1, "learning_rate": 1e-3}}))
+    out = tmp_path / "01_finetune"
+    cmd = [sys.executable, "-m", "lib.train", str(f), "--out", str(out), "--soup-member"]
+    procs = [subprocess.Popen(cmd + [k], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in "01"]
+    assert [p.wait() for p in procs] == [0, 0]
+    assert (out / "seed-0" / "summary.json").exists() and (out / "seed-1" / "summary.json").exists()
+    p = paramfile.load(f)["01_finetune"]
+    r = finetune.finetune(p, data.load_split(p.data_dir, "train"), data.load_split(p.data_dir, "public_test", limit=6), out)
+    said = capsys.readouterr().out
+    assert said.count("reusing the finished run") == 2 and "resuming" not in said
+    assert r.summary["soup"]["seeds"] == [0, 1]
+    bad = subprocess.run(cmd + ["2"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 1 and "the soup has runs 0..1" in bad.stderr and "Traceback" not in bad.stderr
