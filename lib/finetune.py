@@ -2,7 +2,8 @@
 
 finetune() decides by itself: a finished run of the same recipe and data is read back; p.num_processes
 > 1 launches that many data-parallel processes (lib.launch), each of which comes back here and fits;
-otherwise it fits in this process. Every way returns a FinetuneResult.
+otherwise it fits in this process; p.soup_seeds > 1 does one of these per seed and averages the runs'
+best models (lib/soup.py). Every way returns a FinetuneResult.
 """
 import json
 import time
