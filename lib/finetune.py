@@ -132,6 +132,10 @@ def _soup(p, train_records, eval_records, out: Path) -> FinetuneResult:
     members = {q.seed: finetune(q, train_records, eval_records, soup.member_dir(out, q)) for q in soup.member_params(p)}
     for m in members.values():
         m.model = None  # a trained copy in this process goes before the members are loaded again
+    missing = [str(m.out / "best_adapter") for m in members.values() if not (m.out / "best_adapter").is_dir()]
+    if missing:  # a run read back from its summary and curve alone (results carried without weights)
+        raise runs.RunError(f"the soup averages its runs' best models, and {', '.join(missing)} is missing: copy that "
+                            "run's folder with its best_adapter/ here, or delete the run's folder to train it again")
     tok = models.load_tokenizer(p.model)
     prompts_ = [prompts.build(r["instruction"], p.template) for r in eval_records]
 

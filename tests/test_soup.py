@@ -149,5 +149,11 @@ def test_soup_runs_train_side_by_side_from_the_command_line_and_are_read_back(tm
     said = capsys.readouterr().out
     assert said.count("reusing the finished run") == 2 and "resuming" not in said
     assert r.summary["soup"]["seeds"] == [0, 1]
+    import shutil
+
+    shutil.rmtree(out / "seed-1" / "best_adapter")  # results carried without the weights
+    (out / "summary.json").unlink()
+    with pytest.raises(finetune.runs.RunError, match=r"seed-1/best_adapter is missing"):
+        finetune.finetune(p, data.load_split(p.data_dir, "train"), data.load_split(p.data_dir, "public_test", limit=6), out)
     bad = subprocess.run(cmd + ["2"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 1 and "the soup has runs 0..1" in bad.stderr and "Traceback" not in bad.stderr
