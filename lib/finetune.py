@@ -124,6 +124,9 @@ def _fit(p, train_records, eval_records, out: Path, run: dict) -> FinetuneResult
 def _soup(p, train_records, eval_records, out: Path) -> FinetuneResult:
     """p.soup_seeds runs (each in out/seed-<seed>, trained or read back like any run), their best models
     averaged into out/best_adapter (the model 01 goes on with), each member and the soup scored alike."""
+    if world_size() > 1:  # every process would average and write the same files
+        raise ValueError("a soup is made by one process: run it without accelerate launch (num_processes: N "
+                         "still trains each of its runs on N GPUs), or train one run per process with --soup-member")
     run = runs.describe(p, reverse.training_records(train_records, p.reverse_pairs, p.seed), eval_records)
     if p.resume and (summary := runs.finished(out, run)):
         print(f"{p.model}: reusing the finished soup in {out} (same recipe and data)", flush=True)

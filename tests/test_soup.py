@@ -74,7 +74,11 @@ def test_soup_of_two_seeds_is_read_back_and_scored_like_its_members(tmp_path, ca
     assert again.curve.model.tolist() == r.curve.model.tolist()  # the runs' names, not the model's alone
 
 
-def test_soup_needs_full_finetuning_and_says_what_it_keeps():
+def test_soup_needs_full_finetuning_and_says_what_it_keeps(monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # inside accelerate launch
+    with pytest.raises(ValueError, match="a soup is made by one process"):
+        finetune.finetune(tiny_params(soup_seeds=2, quantization="none", full_finetune=True), [], [], tmp_path)
+    monkeypatch.delenv("WORLD_SIZE")
     with pytest.raises(params.ParamsError, match="soup_seeds > 1 averages whole models"):
         tiny_params(soup_seeds=2, quantization="none")
     with pytest.raises(params.ParamsError, match="soup_seeds"):
