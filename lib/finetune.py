@@ -149,10 +149,13 @@ def _soup(p, train_records, eval_records, out: Path) -> FinetuneResult:
 
     # every member's best model scored by the same code as the soup (its curve's best row was scored inside
     # training): the table compares like with like
-    scored = {}
+    scored = {}  # best model's folder -> its scores
+
+    def keep_score(model, folder):
+        scored[folder] = score(model)
+
     folders = [m.out / "best_adapter" for m in members.values()]
-    model = soup.make(lambda f: trainable.load_adapted(p, f)[0], folders, out / "best_adapter",
-                      each=lambda m, f: scored.setdefault(f.parent.name, score(m)))
+    model = soup.make(lambda f: trainable.load_adapted(p, f)[0], folders, out / "best_adapter", each=keep_score)
     mixed = score(model)
     first = next(iter(members.values())).summary
     best_step = max(m.summary["best_step"] for m in members.values())
@@ -164,9 +167,8 @@ def _soup(p, train_records, eval_records, out: Path) -> FinetuneResult:
         "fingerprint": run["fingerprint"], "best_ppl": mixed["eval_ppl"], "best_bits_per_char": mixed["eval_bits_per_char"],
         "best_step": best_step, "train_s": round(sum(m.summary["train_s"] for m in members.values()), 1),
         "soup": {"seeds": list(members), "soup": mixed,
-                 "members": [{"seed": seed, "best_step": m.summary["best_step"], **scored[f"seed-{seed}"]}
+                 "members": [{"seed": seed, "best_step": m.summary["best_step"], **scored[m.out / "best_adapter"]}
                              for seed, m in members.items()]},
     }
     runs.save_finished(out, summary, curve)
-    del model
     return FinetuneResult(curve, summary, out)
