@@ -270,10 +270,10 @@ def make_trainer(model, tok, feats, eval_records, p, out: Path, collator) -> Tra
 def configure(trainer, p):
     """The recipe's settings a Trainer cannot take as arguments (also for benchmarks/train_speed.py)."""
     trainer.head_loss = p.head_loss  # used by AnswerLossTrainer only
-    if p.ddp_lean and trainer.accelerator.ddp_handler is not None:
-        # HF's arguments have no gradient_as_bucket_view; accelerate reads the handler when train() wraps
-        trainer.accelerator.ddp_handler.gradient_as_bucket_view = True
     if p.ddp_lean:
+        if trainer.accelerator.ddp_handler is not None:
+            # HF's arguments have no gradient_as_bucket_view; accelerate reads the handler when train() wraps
+            trainer.accelerator.ddp_handler.gradient_as_bucket_view = True
         # Under DDP, dynamo's DDPOptimizer cuts every compiled graph where a gradient bucket would end, the
         # first bucket of each graph at 1 MB: each compiled decoder layer of qwen2.5-1.5B (~10 MB of LoRA)
         # became two graphs, each with its own launches and autograd node, on a host-bound step. The layers
