@@ -80,11 +80,11 @@ def _curve(res) -> str:
 def _soup(soup) -> str:
     """The soup against its runs alone, each scored by the same code (lib.finetune)."""
     runs = "; ".join(f"seed {m['seed']}: {m['eval_ppl']:.2f} / {m['eval_bits_per_char']:.3f}" for m in soup["members"])
-    gain = min(m["eval_ppl"] for m in soup["members"]) / soup["soup"]["eval_ppl"] - 1
+    change = soup["soup"]["eval_ppl"] / min(m["eval_ppl"] for m in soup["members"]) - 1  # < 0: the soup is better
     return (f"The study's model is a soup: the weights of {len(soup['members'])} runs' best models (seeds differing only) "
             f"averaged, {soup['soup']['eval_ppl']:.2f} mean perplexity / {soup['soup']['eval_bits_per_char']:.3f} bits "
-            f"per character against the runs alone ({runs}): {'better' if gain > 0 else 'no better'} than the "
-            f"best of them ({gain:+.1%} in mean perplexity).")
+            f"per character against the runs alone ({runs}): {'better' if change < 0 else 'no better'} than the "
+            f"better run ({change:+.1%} mean perplexity).")
 
 
 def _flat_end(p) -> str:
