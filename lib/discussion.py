@@ -84,7 +84,7 @@ def _soup(soup) -> str:
     return (f"The study's model is a soup: the weights of {len(soup['members'])} runs' best models (seeds differing only) "
             f"averaged, {soup['soup']['eval_ppl']:.2f} mean perplexity / {soup['soup']['eval_bits_per_char']:.3f} bits "
             f"per character against the runs alone ({runs}): {'better' if change < 0 else 'no better'} than the "
-            f"better run ({change:+.1%} mean perplexity).")
+            f"best run ({change:+.1%} mean perplexity).")
 
 
 def _flat_end(p) -> str:

@@ -124,7 +124,7 @@ def test_the_report_takes_a_soups_own_row(tmp_path):
 
     said = discussion.text(report.load_all(folder))
     assert f"best public-test perplexity of the first run, {member:.2f}, comes at step {doc['summary']['best_step']}" in said
-    assert f"(seed 0: {member:.2f} / 2.700; seed 1: {member * 1.1:.2f} / 2.800): better than the better run " \
+    assert f"(seed 0: {member:.2f} / 2.700; seed 1: {member * 1.1:.2f} / 2.800): better than the best run " \
            f"({7.0 / member - 1:+.1%} mean perplexity)" in said
     assert 7.0 / member - 1 < 0  # the soup (7.0) is below the runs here, so the change printed is negative
 
