@@ -110,6 +110,7 @@ def _fit(p, train_records, eval_records, out: Path, run: dict) -> FinetuneResult
         "train_s_per_step": round((runtime - curve_callback(trainer).eval_s) / max(ran, 1), 3),
         # the typical step, without the compile warm-up of the first steps: what to compare speeds by
         "median_s_per_step": round(float(np.median(curve_callback(trainer).step_s)), 4) if ran else None,
+        "steady_s_per_step": round(curve_callback(trainer).steady_s_per_step(), 4) if ran else None,
         # real (non-pad) tokens an optimizer step trains on, on average: the numerator of tokens/s and MFU
         "tokens_per_step": round(sum(len(f["input_ids"]) for f in feats) / len(feats) * p.micro_batch_size * p.grad_accum, 1),
         "n_train": len(feats), "n_skipped": len(skipped), "n_eval": len(eval_records),

@@ -117,6 +117,13 @@ class CurveCallback(TrainerCallback):
         logs = logs or {}
         check_finite(state.global_step, {k: logs.get(k) for k in ("loss", "grad_norm")})
 
+    def steady_s_per_step(self, warm_up: int = 10) -> float | None:
+        """The mean step after the first warm_up (compilation): the host may run a few steps ahead of the
+        GPU and wait at the next sync (a logged loss), so single steps - and their median - can show the
+        host's pace; over many steps the mean is the pace of both."""
+        steady = self.step_s[warm_up:] if len(self.step_s) > warm_up else self.step_s
+        return sum(steady) / len(steady) if steady else None
+
     def on_step_begin(self, args, state, control, **kw):
         self._t = time.perf_counter()
 

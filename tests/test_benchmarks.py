@@ -145,6 +145,7 @@ def test_ddp_compare_on_cpu(tmp_path, monkeypatch):
     assert doc["max_rel_diff_eval_ppl"] < 1e-5 and one[-1]["eval_ppl"] < one[0]["eval_ppl"]
     s1, s2 = (r["summary"] for r in doc["runs"])
     assert doc["speedup"] == pytest.approx(s1["median_s_per_step"] / s2["median_s_per_step"])
+    assert doc["speedup_steady"] == pytest.approx(s1["steady_s_per_step"] / s2["steady_s_per_step"])
     assert (tmp_path / "o" / "ddp_curves.png").exists()
     # tokens/s and MFU of each run: its real tokens a step over its typical step, per process against the
     # matmul rate measured in the run. Tokens a step counted by hand: BOS + prompt + answer + EOS of every
@@ -158,6 +159,7 @@ def test_ddp_compare_on_cpu(tmp_path, monkeypatch):
     assert s1["tokens_per_step"] == s2["tokens_per_step"] == pytest.approx(by_hand, abs=0.05)
     for r, s in zip(doc["runs"], (s1, s2)):
         assert r["tokens_per_s"] == round(s["tokens_per_step"] / s["median_s_per_step"])
+        assert r["tokens_per_s_steady"] == round(s["tokens_per_step"] / s["steady_s_per_step"])
         assert r["mfu"] * doc["matmul_flops_per_s"] * r["processes"] == pytest.approx(
             s["tokens_per_step"] / s["median_s_per_step"] * 6 * tiny_params_by_hand(), rel=1e-6)
 

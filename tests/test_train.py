@@ -352,6 +352,19 @@ def test_step_times_leave_evaluations_out(tmp_path):
     assert len(cb.step_s) == 3 and all(0.02 <= s < 0.2 for s in cb.step_s)
 
 
+def test_steady_step_is_the_mean_after_warm_up(tmp_path):
+    """steady_s_per_step: the mean of the steps after the first ten (compilation), where a host that ran
+    ahead waits at a sync; with ten steps or fewer, the mean of all; with none, None."""
+    from lib.trainer import CurveCallback
+
+    cb = CurveCallback(None, [], tiny_params(), tmp_path)
+    assert cb.steady_s_per_step() is None
+    cb.step_s = [5.0, 4.0] + [0.1] * 8 + [0.1, 0.1, 0.1, 1.3]  # a sync every fourth step absorbs the queue
+    assert cb.steady_s_per_step() == pytest.approx((0.1 * 3 + 1.3) / 4)  # 0.4; the median of them is 0.1
+    cb.step_s = [1.0, 2.0, 3.0]
+    assert cb.steady_s_per_step() == pytest.approx(2.0)
+
+
 def test_neftune_reaches_the_trainer_and_noises_only_training(tiny, tmp_path):
     """NEFTune is HF's own (noise on the input embeddings in training): the param reaches it, or is off."""
     from lib.trainer import training_args
