@@ -1,7 +1,7 @@
 """Seaborn figures of the study; each returns its Figure so notebooks can show and save it."""
 import matplotlib.pyplot as plt
 import seaborn as sns
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter, ScalarFormatter
 
 sns.set_theme(style="whitegrid")
 
@@ -23,10 +23,22 @@ LABELS = {"eval_ppl": "public-test mean perplexity",
 
 
 def learning_curves(curve, hue="model", y="eval_ppl"):
-    """Public-test mean perplexity (or bits per character) vs optimizer step, one line per run."""
+    """Public-test mean perplexity (or bits per character) vs optimizer step, one line per run; a soup
+    (one row, run == "soup": the average of the runs' best models) as a star at its step."""
     fig, ax = plt.subplots(figsize=(7, 4))
-    sns.lineplot(data=curve, x="step", y=y, hue=hue if hue in curve else None, marker="o", ax=ax)
-    ax.set_ylabel(LABELS.get(y, y))
+    soup = curve[curve["run"] == "soup"] if "run" in curve else curve.iloc[:0]
+    runs = curve.drop(soup.index)
+    sns.lineplot(data=runs, x="step", y=y, hue=hue if hue in runs else None, marker="o", errorbar=None, ax=ax)
+    if len(soup):
+        ax.scatter(soup.step, soup[y], marker="*", s=250, color="black", zorder=5, label="soup")
+        ax.legend()
+    if y == "eval_ppl":
+        # untrained ~60, trained ~8-14: on a linear axis the trained part (and any overfitting) is flat
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set_ylabel(LABELS.get(y, y) + (" (log scale)" if y == "eval_ppl" else ""))
     ax.set_xlabel("optimizer step")
     fig.tight_layout()
     plt.close(fig)  # shown where the caller displays it, not again by the inline backend
