@@ -149,14 +149,15 @@ def _soup(p, train_records, eval_records, out: Path) -> FinetuneResult:
         return curve_row(df)
 
     # every member's best model scored by the same code as the soup (its curve's best row was scored inside
-    # training): the table compares like with like
+    # training), as it is loaded for the average: the table compares like with like
     scored = {}  # best model's folder -> its scores
 
-    def keep_score(model, folder):
+    def load_and_score(folder):
+        model = trainable.load_adapted(p, folder)[0]
         scored[folder] = score(model)
+        return model
 
-    folders = [m.out / "best_adapter" for m in members.values()]
-    model = soup.make(lambda f: trainable.load_adapted(p, f)[0], folders, out / "best_adapter", each=keep_score)
+    model = soup.make(load_and_score, [m.out / "best_adapter" for m in members.values()], out / "best_adapter")
     mixed = score(model)
     first = next(iter(members.values())).summary
     best_step = max(m.summary["best_step"] for m in members.values())

@@ -41,20 +41,9 @@ def average_into(model, others) -> None:
         w.div_(n)
 
 
-def make(load, folders, out: Path, each=None):
-    """The soup of the models saved in folders (load(folder) -> model), saved into out; returns it.
-    each(model, folder), if given, sees every member as it is loaded (before it joins the average)."""
+def make(load, folders, out: Path):
+    """The soup of the models saved in folders (load(folder) -> model), saved into out; returns it."""
     model = load(folders[0])
-    if each:
-        each(model, folders[0])
-
-    def others():
-        for f in folders[1:]:
-            m = load(f)
-            if each:
-                each(m, f)
-            yield m
-
-    average_into(model, others())
+    average_into(model, (load(f) for f in folders[1:]))  # a generator: one other model loaded at a time
     model.save_pretrained(out)
     return model
