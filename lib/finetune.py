@@ -118,6 +118,8 @@ def _fit(p, train_records, eval_records, out: Path, run: dict) -> FinetuneResult
     }
     if trainer.is_world_process_zero():  # the main process alone writes files
         model.save_pretrained(out / "final_adapter")
+        # each step of this session, for where a mean and a median differ (a slow step now and then)
+        (out / "step_seconds.json").write_text(json.dumps([round(s, 4) for s in curve_callback(trainer).step_s]))
         runs.save_finished(out, summary, curve)
     return FinetuneResult(curve.assign(model=p.model), summary, out, model, tok)
 
