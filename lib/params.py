@@ -170,14 +170,10 @@ class SpeedParams:
     # (dynamo's DDPOptimizer cut each of the 1.5B's in two). The same sums. On 2 x H100 it took 01's
     # host-bound 1.5B step from 1.38x to 1.96x one GPU (benchmarks/README.md); false: DDP as torch sets it up
     ddp_lean: bool = True
-    # Python's garbage collector off while training but for a collection of its young generations every N
-    # optimizer steps, on every process at the same step (torchtitan's pacing; lib.trainer.PacedGC): no
-    # process stalls the others at a moment of its own. 0: Python's own schedule
-    gc_steps: int = 50
 
     def check(self):
         _positive(self, "pack_tokens", "num_processes")
-        _non_negative(self, "checkpointed_layers", "gc_steps")
+        _non_negative(self, "checkpointed_layers")
         if self.checkpointed_layers and not self.gradient_checkpointing:
             raise ParamsError("checkpointed_layers needs gradient_checkpointing: true (it chooses which layers recompute)")
         from .chunked_loss import HEAD_LOSSES

@@ -20,10 +20,9 @@ from .results import atomic_write
 
 # Settings that leave the learning curve alone: where the run goes, how often it logs and saves, batch
 # sizes of evaluation, how many processes share the (unchanged) effective batch, and two that change only
-# how the same work is launched: cpp_wrapper (the same kernels, from C++), ddp_lean (the same sums) and
-# gc_steps (when Python collects garbage).
+# how the same work is launched: cpp_wrapper (the same kernels, from C++) and ddp_lean (the same sums).
 NOT_RECIPE = {"run", "out_dir", "resume", "logging_steps", "save_steps", "device", "eval_batch_size",
-              "num_processes", "cpp_wrapper", "ddp_lean", "gc_steps"}
+              "num_processes", "cpp_wrapper", "ddp_lean"}
 MARKER = "complete"
 
 

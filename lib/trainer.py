@@ -2,7 +2,6 @@
 import contextlib
 import dataclasses
 import functools
-import gc
 import math
 import os
 import time
@@ -153,39 +152,9 @@ def sampling_strategy(p) -> str:
     return "batch_rebalance" if p.balance_ranks else "group_by_length" if p.group_by_length else "random"
 
 
-class PacedGC(TrainerCallback):
-    """Python's cyclic garbage collector paced by the optimizer step, as torchtitan paces it "to avoid
-    stragglers": automatic collection off while training, a collection of the young generations every
-    `steps` steps, on every process at the same step (BalancedTrainer.train turns it back on, also after
-    an error). Why: Python collects whenever ~700 new container objects have piled up, and now and then
-    walks every object the model and its compiled layers hold; on a step the host bounds, that pause is
-    the step's, and under DDP every other process waits for it at the next all-reduce, so each process
-    pays for all their pauses. 0 keeps Python's own schedule."""
-
-    def __init__(self, steps: int):
-        self.steps = steps
-
-    def on_train_begin(self, args, state, control, **kw):
-        if self.steps:
-            gc.collect(1)
-            gc.disable()
-
-    def on_step_end(self, args, state, control, **kw):
-        if self.steps and state.global_step % self.steps == 0:
-            gc.collect(1)
-
-
 class BalancedTrainer(Trainer):
     """HF's Trainer whose balance_ranks sampler splits by tokens (lib.sampler: HF's splits padded cost) and
     shuffles by the run's seed (HF builds it with its default, 42, whatever `seed` says)."""
-
-    def train(self, *args, **kw):
-        enabled = gc.isenabled()  # PacedGC turns automatic collection off for the run, not for the process
-        try:
-            return super().train(*args, **kw)
-        finally:
-            if enabled:
-                gc.enable()
 
     def _get_train_sampler(self, train_dataset=None):
         s = super()._get_train_sampler(train_dataset)
@@ -308,7 +277,6 @@ def make_trainer(model, tok, feats, eval_records, p, out: Path, collator) -> Tra
 def configure(trainer, p):
     """The recipe's settings a Trainer cannot take as arguments (also for benchmarks/train_speed.py)."""
     trainer.head_loss = p.head_loss  # used by AnswerLossTrainer only
-    trainer.add_callback(PacedGC(p.gc_steps))
     if p.ddp_lean:
         if trainer.accelerator.ddp_handler is not None:
             # HF's arguments have no gradient_as_bucket_view; accelerate reads the handler when train() wraps
