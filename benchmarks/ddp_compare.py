@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 from lib import models, paramfile, params, plots, results  # noqa: E402
 from lib.cli import one_line_errors  # noqa: E402
 
-from gpu_meter import flops_per_token, matmul_rate, mfu  # noqa: E402  beside this file
+from gpu_meter import apart, flops_per_token, mfu  # noqa: E402  beside this file
 
 
 def run(p, n: int, out: Path) -> dict:
@@ -56,7 +56,9 @@ def main():
     p = dataclasses.replace(p, **paramfile.parse_changes(a.changes, params.TrainParams))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    rate = matmul_rate()  # before the runs, on an idle GPU
+    # the device's facts by processes that then exit: this one holds no CUDA context while its runs train
+    rate = apart("gpu_meter", "matmul_rate")  # before the runs, on an idle GPU
+    hardware = apart("lib.results", "hardware")
     flops_token = flops_per_token(models.model_path(p.model), p)
     runs = []
     for n in (1, a.processes):
@@ -66,7 +68,7 @@ def main():
             print(f"{n} process(es): {r['tokens_per_s']} tokens/s, MFU {r['mfu'] * 100:.1f}% a GPU "
                   f"(bf16 matmul rate measured here: {rate / 1e12:.1f} TFLOP/s)", flush=True)
         runs.append(r)
-        doc = document(p, rate, runs)  # after each run: a call cut during the next keeps this one
+        doc = document(p, rate, hardware, runs)  # after each run: a call cut during the next keeps this one
         (out / "ddp_compare.json").write_text(json.dumps(doc, indent=2, default=str))
     one, many = runs
     if "curve" in one and "curve" in many:
@@ -85,9 +87,9 @@ def main():
         (out / "ddp_compare.json").write_text(json.dumps(doc, indent=2, default=str))
 
 
-def document(p, rate, runs) -> dict:
+def document(p, rate, hardware, runs) -> dict:
     """The JSON of the runs so far, with provenance."""
-    return {"params": p.to_dict(), "hardware": results.hardware(), "versions": results.versions(),
+    return {"params": p.to_dict(), "hardware": hardware, "versions": results.versions(),
             "matmul_flops_per_s": rate, "git": results.git_state(),
             "runs": [{k: v for k, v in r.items() if k != "curve"} | (
                 {"curve": r["curve"].to_dict(orient="records")} if "curve" in r else {}) for r in runs]}

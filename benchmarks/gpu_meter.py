@@ -1,10 +1,16 @@
 """What the GPU did during a timed run (train_speed.py): its bf16 matmul rate measured now (the MFU
 denominator), a model's FLOPs per trained token, a py-spy recording of the host's stacks, and a
 profiler window summarized by kind of kernel."""
+import json
 import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+HERE = Path(__file__).resolve().parent
 
 
 def sync():
@@ -124,3 +130,19 @@ def mfu(tokens_per_s: float, processes: int, flops_token: float, rate: float) ->
     """Model FLOP utilisation of each GPU: its share of the tokens/s times the FLOPs of a token, over the
     matmul rate measured in the same run."""
     return tokens_per_s / processes * flops_token / rate
+
+
+def apart(module: str, function: str, *args):
+    """`module.function(*args)` (a module of this folder, of the project or any other) run in a child
+    process, its result given back through JSON (a Path as its string). Why: a script that starts training processes
+    (ddp_compare.py, train_speed.py --processes) does its own device work this way, so it holds no CUDA
+    context while they train. On two 2 x H100 machines a 2-GPU run started alone after ddp_compare.py had
+    finished was 10-20% faster a step than ddp_compare.py's own 2-GPU run, whichever of two levers each ran
+    with (README, "Several GPUs"), and ddp_compare.py had timed the matmul rate on GPU 0 in its own process
+    first: the context is the suspect, not yet measured apart."""
+    code = (f"import json, sys; sys.path[:0] = [{str(HERE)!r}, {str(HERE.parent)!r}]; import {module}; "
+            f"print(json.dumps({module}.{function}(*{list(args)!r}), default=str))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"{module}.{function} in a child process failed: {out.stderr.strip()[-800:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])

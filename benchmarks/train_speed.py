@@ -69,7 +69,7 @@ from lib import collate, data, launch, models, paramfile, params, trainable  # n
 from lib.cli import one_line_errors  # noqa: E402
 from lib.trainer import configure, is_main, no_cudnn_attention, trainer_class, training_args, world_size  # noqa: E402
 
-from gpu_meter import flops_per_token, matmul_rate, mfu, profile_summary, start_pyspy, sync  # noqa: E402  beside this file
+from gpu_meter import apart, flops_per_token, matmul_rate, mfu, profile_summary, start_pyspy, sync  # noqa: E402  beside this file
 
 BASELINE = dict(compute_dtype="float32", answer_loss=False, head_loss="chunked", group_by_length=False, packing=False, pack_tokens=512,
                 gradient_checkpointing=True, keep_frozen_dtype=False, cache_dequantized=False, compile=False,
@@ -167,10 +167,11 @@ class Clock(TrainerCallback):
             self.prof.__exit__(None, None, None)
 
 
-def random_model(config: str, folder: Path) -> Path:
+def random_model(config: str, folder) -> Path:
     """Random weights of an architecture, made on the GPU and saved once in bf16 for the NF4 loader."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    folder = Path(folder)
     if not (folder / "config.json").exists():
         torch.manual_seed(0)
         with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
@@ -320,7 +321,8 @@ def over_processes(a, argv) -> None:
     """--processes: every count in its own `accelerate launch`, then N GPUs over 1 GPU per mode."""
     counts = [int(n) for n in a.processes.split(",")]
     if a.config:
-        random_model(a.config, Path(a.work) / ("model-" + Path(a.config).stem))  # once, before the launches
+        # once, before the launches, in a process of its own: this one must hold no CUDA context while they train
+        apart("train_speed", "random_model", a.config, str(Path(a.work) / ("model-" + Path(a.config).stem)))
     rest = strip_option(argv, "--processes")
     rest = strip_option(rest, "--json")
     result = {"processes": counts, "runs": {}}

@@ -138,8 +138,21 @@ def test_ddp_compare_on_cpu(tmp_path, monkeypatch):
     cfg.write_text(yaml.safe_dump({"common": {"model": TINY, "eval_limit": 5}, "train": {
         "micro_batch_size": 2, "grad_accum": 2, "max_steps": 4, "eval_steps": 2, "save_steps": 4, "logging_steps": 1}}))
     monkeypatch.setattr(sys, "argv", ["ddp_compare.py", str(cfg), "--out", str(tmp_path / "o"), "+learning_rate=0.01"])
+
+    def not_here():
+        raise AssertionError("ddp_compare.py timed the GPU in its own process: it would hold a CUDA context on "
+                             "GPU 0 while its runs train")
+
+    import gpu_meter
+
+    from lib import results
+
+    monkeypatch.setattr(gpu_meter, "matmul_rate", not_here)
+    monkeypatch.setattr(ddp_compare, "matmul_rate", not_here, raising=False)
+    monkeypatch.setattr(results, "hardware", not_here)  # its device name query starts CUDA too
     ddp_compare.main()
     doc = json.loads((tmp_path / "o" / "ddp_compare.json").read_text())
+    assert doc["matmul_flops_per_s"] > 0 and doc["hardware"]["cpus"] > 0  # measured all the same, by children
     one, two = (r["curve"] for r in doc["runs"])
     assert [r["step"] for r in one] == [r["step"] for r in two] == [0, 2, 4]
     assert doc["max_rel_diff_eval_ppl"] < 1e-5 and one[-1]["eval_ppl"] < one[0]["eval_ppl"]
@@ -480,3 +493,23 @@ def test_ddp_compare_keeps_the_one_gpu_run_when_the_call_is_cut(tmp_path, monkey
     doc = json.loads((tmp_path / "o" / "ddp_compare.json").read_text())
     assert len(doc["runs"]) == 1 and doc["runs"][0]["tokens_per_s"] == 200
     assert [r["eval_ppl"] for r in doc["runs"][0]["curve"]] == [9.0, 8.0, 7.0]
+
+
+def test_apart_runs_the_function_in_another_process(tmp_path):
+    """gpu_meter.apart: the call runs in a child process (another pid), its result comes back (a Path as
+    its string), a failure is raised with the child's error; train_speed's random model is made that way
+    (the tiny Llama's architecture, loadable)."""
+    import os
+
+    from gpu_meter import apart
+
+    assert apart("os", "getpid") != os.getpid()
+    assert apart("os.path", "join", "a", "b") == "a/b"
+    with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+        apart("operator", "truediv", 1, 0)
+    folder = apart("train_speed", "random_model", str(Path(TINY) / "config.json"), str(tmp_path / "m"))
+    assert folder == str(tmp_path / "m")
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(folder)
+    assert m.config.hidden_size == json.loads((Path(TINY) / "config.json").read_text())["hidden_size"]
