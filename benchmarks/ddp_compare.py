@@ -2,11 +2,14 @@
 curves, their largest relative difference, and the speed ratio (optimizer steps carry the same tokens, so
 tokens/s of N over 1 = seconds per step of 1 over N), measured in one run.
 
-    python benchmarks/ddp_compare.py params/course.yaml --out /tmp/ddp [--processes 2] [+key=value ...]
+    python benchmarks/ddp_compare.py params/course.yaml --out /tmp/ddp [--processes 2] [--repeats R] [+key=value ...]
 
 `+key=value` changes a field of the `train` recipe (e.g. +max_steps=300 +compile=false).
-Writes DIR/ddp_compare.json (after each run: a cut call keeps the 1-GPU run) and DIR/ddp_curves.png.
-Run again with the same DIR to go on: a finished run is read back, not trained again.
+`--repeats R` trains the pair R times, interleaved (1, N, 1, N, ...): the ratio is that of the mean steps over
+the repeats, and each pair's own ratio is kept. One pair in sequence is not enough for a 10% question: on a
+2 x H100 machine the same run's step wandered by 10-20% with its place in the call (benchmarks/README.md).
+Writes DIR/ddp_compare.json (after each run: a call cut during the next keeps the runs before it) and
+DIR/ddp_curves.png. Run again with the same DIR to go on: a finished run is read back, not trained again.
 """
 import argparse
 import dataclasses
@@ -25,13 +28,14 @@ from lib.cli import one_line_errors  # noqa: E402
 from gpu_meter import apart, flops_per_token, mfu  # noqa: E402  beside this file
 
 
-def run(p, n: int, out: Path) -> dict:
+def run(p, n: int, out: Path, repeat: int = 0) -> dict:
     cfg = paramfile.dump_train(dataclasses.replace(p, num_processes=n), out / f"p{n}.yaml")
-    r = subprocess.run([sys.executable, "-m", "lib.train", str(cfg), "--out", str(out / f"n{n}")], cwd=ROOT)
+    folder = out / (f"n{n}" if repeat == 0 else f"n{n}-r{repeat}")
+    r = subprocess.run([sys.executable, "-m", "lib.train", str(cfg), "--out", str(folder)], cwd=ROOT)
     if r.returncode:
-        return {"processes": n, "error": f"exit {r.returncode}"}
-    summary = json.loads((out / f"n{n}" / "summary.json").read_text())
-    return {"processes": n, "summary": summary, "curve": pd.read_csv(out / f"n{n}" / "curve.csv")}
+        return {"processes": n, "repeat": repeat, "error": f"exit {r.returncode}"}
+    summary = json.loads((folder / "summary.json").read_text())
+    return {"processes": n, "repeat": repeat, "summary": summary, "curve": pd.read_csv(folder / "curve.csv")}
 
 
 def speed(r: dict, flops_token: float, rate: float) -> dict:
@@ -50,8 +54,11 @@ def main():
     ap.add_argument("params")
     ap.add_argument("--out", required=True)
     ap.add_argument("--processes", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=1, help="train the pair this many times, interleaved")
     ap.add_argument("changes", nargs="*", help="+key=value changes of the train recipe")
     a = ap.parse_intermixed_args()  # the +changes may follow --out
+    if a.repeats < 1:
+        raise SystemExit(f"--repeats {a.repeats}: at least 1")
     p = paramfile.load(a.params)["01_finetune"]
     p = dataclasses.replace(p, **paramfile.parse_changes(a.changes, params.TrainParams))
     out = Path(a.out)
@@ -61,30 +68,50 @@ def main():
     hardware = apart("lib.results", "hardware")
     flops_token = flops_per_token(models.model_path(p.model), p)
     runs = []
-    for n in (1, a.processes):
-        r = run(p, n, out)
-        if "summary" in r:
-            r |= speed(r, flops_token, rate)
-            print(f"{n} process(es): {r['tokens_per_s']} tokens/s, MFU {r['mfu'] * 100:.1f}% a GPU "
-                  f"(bf16 matmul rate measured here: {rate / 1e12:.1f} TFLOP/s)", flush=True)
-        runs.append(r)
-        doc = document(p, rate, hardware, runs)  # after each run: a call cut during the next keeps this one
-        (out / "ddp_compare.json").write_text(json.dumps(doc, indent=2, default=str))
-    one, many = runs
-    if "curve" in one and "curve" in many:
-        c1, cn = one["curve"].set_index("step"), many["curve"].set_index("step")
-        rel = ((cn.eval_ppl - c1.eval_ppl).abs() / c1.eval_ppl).max()
-        key = "median_s_per_step"  # the mean (train_s_per_step) carries each session's compile warm-up
-        doc |= {"max_rel_diff_eval_ppl": float(rel), "speedup": one["summary"][key] / many["summary"][key]}
-        if one["summary"].get("steady_s_per_step") and many["summary"].get("steady_s_per_step"):
-            # the mean step after warm-up: what a run's wall time goes by (the median is the host's pace)
-            doc["speedup_steady"] = one["summary"]["steady_s_per_step"] / many["summary"]["steady_s_per_step"]
-        both = pd.concat([one["curve"].assign(run="1 GPU"), many["curve"].assign(run=f"{a.processes} GPUs")])
-        plots.save(plots.learning_curves(both, hue="run"), out / "ddp_curves.png")
-        steady = f" ({doc['speedup_steady']:.2f}x by the mean step after warm-up)" if "speedup_steady" in doc else ""
-        print(f"{a.processes} GPUs over 1: {doc['speedup']:.2f}x the tokens/s by the median step{steady}; curves "
-              f"differ by at most {rel * 100:.2f}% (relative, eval ppl)")
-        (out / "ddp_compare.json").write_text(json.dumps(doc, indent=2, default=str))
+    for k in range(a.repeats):
+        for n in (1, a.processes):
+            r = run(p, n, out, k)
+            if "summary" in r:
+                r |= speed(r, flops_token, rate)
+                print(f"{n} process(es): {r['tokens_per_s']} tokens/s, MFU {r['mfu'] * 100:.1f}% a GPU "
+                      f"(bf16 matmul rate measured here: {rate / 1e12:.1f} TFLOP/s)", flush=True)
+            runs.append(r)
+            doc = document(p, rate, hardware, runs)  # after each run: a call cut during the next keeps this one
+            (out / "ddp_compare.json").write_text(json.dumps(doc, indent=2, default=str))
+    compare(runs, a.processes, doc, out)
+
+
+def compare(runs: list, processes: int, doc: dict, out: Path):
+    """The finished runs' curves against the first 1-GPU one, the speed ratios, the plot, the JSON."""
+    done = [r for r in runs if "curve" in r]
+    ones = [r for r in done if r["processes"] == 1]
+    manys = [r for r in done if r["processes"] == processes]
+    if not (ones and manys):
+        return
+    c1 = ones[0]["curve"].set_index("step")
+    rel = max(((r["curve"].set_index("step").eval_ppl - c1.eval_ppl).abs() / c1.eval_ppl).max() for r in manys)
+    doc |= {"max_rel_diff_eval_ppl": float(rel)} | ratios(ones, manys)
+    both = pd.concat([ones[0]["curve"].assign(run="1 GPU"), manys[0]["curve"].assign(run=f"{processes} GPUs")])
+    plots.save(plots.learning_curves(both, hue="run"), out / "ddp_curves.png")
+    steady = f" ({doc['speedup_steady']:.2f}x by the mean step after warm-up)" if "speedup_steady" in doc else ""
+    pairs = doc["speedup_pairs"]
+    each = f"; pair by pair {', '.join(f'{x:.2f}x' for x in pairs)}" if len(pairs) > 1 else ""
+    print(f"{processes} GPUs over 1: {doc['speedup']:.2f}x the tokens/s by the median step{steady}{each}; "
+          f"curves differ by at most {rel * 100:.2f}% (relative, eval ppl)")
+    (out / "ddp_compare.json").write_text(json.dumps(doc, indent=2, default=str))
+
+
+def ratios(ones: list, manys: list) -> dict:
+    """1-GPU over N-GPU step time, of the means over the repeats: by the median step (the mean,
+    train_s_per_step, carries each session's compile warm-up) and, where recorded, by the mean step after
+    warm-up (what a run's wall time goes by; the median is the host's pace); and each pair's own ratio."""
+    mean = lambda rs, key: sum(r["summary"][key] for r in rs) / len(rs)  # noqa: E731
+    out = {"speedup": mean(ones, "median_s_per_step") / mean(manys, "median_s_per_step"),
+           "speedup_pairs": [o["summary"]["median_s_per_step"] / m["summary"]["median_s_per_step"]
+                             for o, m in zip(ones, manys)]}
+    if all(r["summary"].get("steady_s_per_step") for r in ones + manys):
+        out["speedup_steady"] = mean(ones, "steady_s_per_step") / mean(manys, "steady_s_per_step")
+    return out
 
 
 def document(p, rate, hardware, runs) -> dict:

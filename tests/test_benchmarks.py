@@ -481,7 +481,7 @@ def test_ddp_compare_keeps_the_one_gpu_run_when_the_call_is_cut(tmp_path, monkey
     one = {"processes": 1, "summary": {"tokens_per_step": 100.0, "median_s_per_step": 0.5},
            "curve": pd.DataFrame({"step": [0, 2, 4], "eval_ppl": [9.0, 8.0, 7.0]})}
 
-    def fake(p, n, out):
+    def fake(p, n, out, repeat=0):
         if n > 1:
             raise KeyboardInterrupt  # the call's time limit
         return dict(one)
@@ -513,3 +513,31 @@ def test_apart_runs_the_function_in_another_process(tmp_path):
 
     m = AutoModelForCausalLM.from_pretrained(folder)
     assert m.config.hidden_size == json.loads((Path(TINY) / "config.json").read_text())["hidden_size"]
+
+
+def test_ddp_compare_repeats_interleave_the_pair_and_average_it(tmp_path, monkeypatch):
+    """--repeats 2: the runs go 1, 2, 1, 2 GPUs (no variant always first or last in the call), each repeat
+    in its own folder; the ratio is of the mean steps over the repeats, and each pair's own is kept.
+    By hand: 1 GPU 0.20 / 0.24 s, 2 GPUs 0.10 / 0.15 s -> 0.22 / 0.125 = 1.76x; pairs 2.0x, 1.6x."""
+    import ddp_compare
+    import yaml
+
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(yaml.safe_dump({"common": {"model": TINY}, "train": {"max_steps": 4, "eval_steps": 2}}))
+    steps = {(1, 0): 0.20, (2, 0): 0.10, (1, 1): 0.24, (2, 1): 0.15}
+    order = []
+
+    def fake(p, n, out, repeat=0):
+        order.append((n, repeat))
+        s = steps[n, repeat]
+        return {"processes": n, "repeat": repeat, "curve": pd.DataFrame({"step": [0, 4], "eval_ppl": [9.0, 7.0]}),
+                "summary": {"tokens_per_step": 100.0, "median_s_per_step": s, "steady_s_per_step": 2 * s}}
+
+    monkeypatch.setattr(ddp_compare, "run", fake)
+    monkeypatch.setattr(sys, "argv", ["ddp_compare.py", str(cfg), "--out", str(tmp_path / "o"), "--repeats", "2"])
+    ddp_compare.main()
+    assert order == [(1, 0), (2, 0), (1, 1), (2, 1)]
+    doc = json.loads((tmp_path / "o" / "ddp_compare.json").read_text())
+    assert doc["speedup"] == pytest.approx(1.76) and doc["speedup_steady"] == pytest.approx(1.76)
+    assert doc["speedup_pairs"] == pytest.approx([2.0, 1.6]) and doc["max_rel_diff_eval_ppl"] == 0
+    assert [r["repeat"] for r in doc["runs"]] == [0, 0, 1, 1]
