@@ -96,6 +96,7 @@ def _fit(p, train_records, eval_records, out: Path, run: dict) -> FinetuneResult
     steps = int(curve.step.max())
     ran = steps - (int(last.name.split("-")[-1]) if last else 0)  # this session's steps, for s/step
     runtime = trainer.state.log_history[-1].get("train_runtime", float("nan"))
+    clock = curve_callback(trainer)  # its step times and the evaluations' seconds
     summary = {
         "model": p.model, "fingerprint": run["fingerprint"],
         "zero_shot_ppl": float(curve.eval_ppl.iloc[0]), "best_ppl": float(best.eval_ppl),
@@ -107,10 +108,10 @@ def _fit(p, train_records, eval_records, out: Path, run: dict) -> FinetuneResult
         "tokens_per_char": trainable.tokens_per_char(tok, eval_records),
         "train_s": round(time.time() - t, 1),
         # optimizer steps of this session only, the learning-curve evaluations inside them taken out
-        "train_s_per_step": round((runtime - curve_callback(trainer).eval_s) / max(ran, 1), 3),
+        "train_s_per_step": round((runtime - clock.eval_s) / max(ran, 1), 3),
         # the typical step, without the compile warm-up of the first steps: what to compare speeds by
-        "median_s_per_step": round(float(np.median(curve_callback(trainer).step_s)), 4) if ran else None,
-        "steady_s_per_step": round(curve_callback(trainer).steady_s_per_step(), 4) if ran else None,
+        "median_s_per_step": round(float(np.median(clock.step_s)), 4) if ran else None,
+        "steady_s_per_step": round(clock.steady_s_per_step(), 4) if ran else None,
         # real (non-pad) tokens an optimizer step trains on, on average: the numerator of tokens/s and MFU
         "tokens_per_step": round(sum(len(f["input_ids"]) for f in feats) / len(feats) * p.micro_batch_size * p.grad_accum, 1),
         "n_train": len(feats), "n_skipped": len(skipped), "n_eval": len(eval_records),
@@ -119,7 +120,7 @@ def _fit(p, train_records, eval_records, out: Path, run: dict) -> FinetuneResult
     if trainer.is_world_process_zero():  # the main process alone writes files
         model.save_pretrained(out / "final_adapter")
         # each step of this session, for where a mean and a median differ (a slow step now and then)
-        (out / "step_seconds.json").write_text(json.dumps([round(s, 4) for s in curve_callback(trainer).step_s]))
+        (out / "step_seconds.json").write_text(json.dumps([round(s, 4) for s in clock.step_s]))
         runs.save_finished(out, summary, curve)
     return FinetuneResult(curve.assign(model=p.model), summary, out, model, tok)
 

@@ -1,4 +1,5 @@
 """soup_seeds: the average of several full fine-tuning runs' best models (lib/soup.py, lib/finetune.py)."""
+import json
 from dataclasses import replace
 
 import pytest
@@ -147,8 +148,6 @@ def test_soup_runs_train_side_by_side_from_the_command_line_and_are_read_back(tm
     cmd = [sys.executable, "-m", "lib.train", str(f), "--out", str(out), "--soup-member"]
     procs = [subprocess.Popen(cmd + [k], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in "01"]
     assert [p.wait() for p in procs] == [0, 0]
-    import json
-
     for k in (0, 1):  # run K is the recipe with seed + K, a plain run
         recipe = json.loads((out / f"seed-{k}" / "run.json").read_text())["recipe"]
         assert (recipe["seed"], recipe["soup_seeds"]) == (k, 1)

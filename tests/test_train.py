@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -62,7 +63,7 @@ def test_qlora_trains_and_loss_falls(tmp_path):
     assert s["best_step"] == 8 and (tmp_path / "best_adapter" / "adapter_config.json").exists()
     assert sorted(x.name for x in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-8"]
     steps = json.loads((tmp_path / "step_seconds.json").read_text())  # each optimizer step's seconds
-    assert len(steps) == 8 and sorted(steps)[3:5] == pytest.approx([s["median_s_per_step"]] * 2, abs=0.05)
+    assert len(steps) == 8 and float(np.median(steps)) == pytest.approx(s["median_s_per_step"], abs=2e-4)
 
 
 def test_save_steps_zero_writes_no_checkpoint(tmp_path):
