@@ -5,9 +5,10 @@ tokens/s of N over 1 = seconds per step of 1 over N), measured in one run.
     python benchmarks/ddp_compare.py params/course.yaml --out /tmp/ddp [--processes 2] [--repeats R] [+key=value ...]
 
 `+key=value` changes a field of the `train` recipe (e.g. +max_steps=300 +compile=false).
-`--repeats R` trains the pair R times, interleaved (1, N, 1, N, ...): the ratio is that of the mean steps over
-the repeats, and each pair's own ratio is kept. One pair in sequence is not enough for a 10% question: on a
-2 x H100 machine the same run's step wandered by 10-20% with its place in the call (benchmarks/README.md).
+`--repeats R` trains the pair R times, in the order 1, N, N, 1, 1, N, ... (each variant as often early as late
+in the call, so a drift over the call cancels): the ratio is that of the mean steps over the repeats, and each
+pair's own ratio is kept. One pair in sequence is not enough for a 10% question: on a 2 x H100 machine the
+same run's step wandered by 10-20% with its place in the call (benchmarks/README.md).
 Writes DIR/ddp_compare.json (after each run: a call cut during the next keeps the runs before it) and
 DIR/ddp_curves.png. Run again with the same DIR to go on: a finished run is read back, not trained again.
 """
@@ -54,7 +55,7 @@ def main():
     ap.add_argument("params")
     ap.add_argument("--out", required=True)
     ap.add_argument("--processes", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=1, help="train the pair this many times, interleaved")
+    ap.add_argument("--repeats", type=int, default=1, help="train the pair this many times: 1, N, N, 1, ...")
     ap.add_argument("changes", nargs="*", help="+key=value changes of the train recipe")
     a = ap.parse_intermixed_args()  # the +changes may follow --out
     if a.repeats < 1:
@@ -69,7 +70,7 @@ def main():
     flops_token = flops_per_token(models.model_path(p.model), p)
     runs = []
     for k in range(a.repeats):
-        for n in (1, a.processes):
+        for n in pair_order(k, a.processes):
             r = run(p, n, out, k)
             if "summary" in r:
                 r |= speed(r, flops_token, rate)
@@ -79,6 +80,11 @@ def main():
             doc = document(p, rate, hardware, runs)  # after each run: a call cut during the next keeps this one
             (out / "ddp_compare.json").write_text(json.dumps(doc, indent=2, default=str))
     compare(runs, a.processes, doc, out)
+
+
+def pair_order(k: int, processes: int) -> tuple:
+    """The k-th repeat's order: 1 then N, then N then 1 (ABBA), so neither variant is always the first."""
+    return (1, processes) if k % 2 == 0 else (processes, 1)
 
 
 def compare(runs: list, processes: int, doc: dict, out: Path):

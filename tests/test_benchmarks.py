@@ -516,7 +516,7 @@ def test_apart_runs_the_function_in_another_process(tmp_path):
 
 
 def test_ddp_compare_repeats_interleave_the_pair_and_average_it(tmp_path, monkeypatch):
-    """--repeats 2: the runs go 1, 2, 1, 2 GPUs (no variant always first or last in the call), each repeat
+    """--repeats 2: the runs go 1, 2, 2, 1 GPUs (each variant once early, once late in the call), each repeat
     in its own folder; the ratio is of the mean steps over the repeats, and each pair's own is kept.
     By hand: 1 GPU 0.20 / 0.24 s, 2 GPUs 0.10 / 0.15 s -> 0.22 / 0.125 = 1.76x; pairs 2.0x, 1.6x."""
     import ddp_compare
@@ -536,8 +536,8 @@ def test_ddp_compare_repeats_interleave_the_pair_and_average_it(tmp_path, monkey
     monkeypatch.setattr(ddp_compare, "run", fake)
     monkeypatch.setattr(sys, "argv", ["ddp_compare.py", str(cfg), "--out", str(tmp_path / "o"), "--repeats", "2"])
     ddp_compare.main()
-    assert order == [(1, 0), (2, 0), (1, 1), (2, 1)]
+    assert order == [(1, 0), (2, 0), (2, 1), (1, 1)]
     doc = json.loads((tmp_path / "o" / "ddp_compare.json").read_text())
     assert doc["speedup"] == pytest.approx(1.76) and doc["speedup_steady"] == pytest.approx(1.76)
     assert doc["speedup_pairs"] == pytest.approx([2.0, 1.6]) and doc["max_rel_diff_eval_ppl"] == 0
-    assert [r["repeat"] for r in doc["runs"]] == [0, 0, 1, 1]
+    assert [(r["processes"], r["repeat"]) for r in doc["runs"]] == order
