@@ -112,3 +112,42 @@ def test_attention_backward_is_finite_where_cudnn_gave_nan():
     # 960 (on an H100: 0.12 against 5e-6). The other 63 features are the gradient proper.
     got, ref = got[..., 1:], ref[..., 1:]
     assert (got - ref).norm() / ref.norm() < 0.05  # bf16 kernels: the same gradient, not the same rounding
+
+
+@pytest.mark.parametrize("sync_free", [True, False])
+def test_a_sync_free_training_step_never_waits_for_the_gpu(tmp_path, sync_free):
+    """sync_free: steps 2 and 3 of a run (the recipe's: bf16 LoRA, packed rows, answer loss, compiled layers
+    with the C++ launcher, fused AdamW, gradient clipping), the next batch's copy to the GPU included, make
+    no host-GPU sync: torch's sync debug mode raises at the first. Without sync_free the same steps sync
+    (eager here), so the check can fail."""
+    from transformers import TrainerCallback
+
+    from lib import collate, data, trainable
+    from lib.trainer import make_trainer
+    from tests.test_train import tiny_params
+
+    class Strict(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == 1:
+                torch.cuda.set_sync_debug_mode("error")
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 3:
+                torch.cuda.set_sync_debug_mode(0)
+
+    p = tiny_params(quantization="none", compute_dtype="bfloat16", lora_r=8, packing=True, optim="adamw_torch_fused",
+                    max_steps=4, eval_steps=100, save_steps=0, logging_steps=100, sync_free=sync_free,
+                    compile=sync_free, cpp_wrapper=sync_free)
+    model, tok = trainable.build(p)
+    feats, _, _ = collate.encode_examples(tok, data.load_split("data/sample", "train", limit=16), "course", 2048)
+    t = make_trainer(model, tok, feats, data.load_split("data/sample", "public_test", limit=2), p, tmp_path,
+                     collate.collator(p, tok))
+    t.add_callback(Strict())
+    try:
+        if sync_free:
+            t.train()
+        else:
+            with pytest.raises(RuntimeError, match="synchroniz"):
+                t.train()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

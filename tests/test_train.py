@@ -428,3 +428,77 @@ def test_a_diverging_run_stops_with_the_step_and_keeps_its_checkpoints(tmp_path,
     assert best and all(torch.isfinite(t).all() for t in best.values())
     assert not (tmp_path / "summary.json").exists()
     assert issubclass(trainer.TrainingDiverged, cli.USER_ERRORS)  # one line in lib.train, not a traceback
+
+
+def test_answer_index_by_hand():
+    """The flat positions whose next token is scored, row-major: row 0 scores tokens 2 and 3 (positions 1, 2),
+    row 1 token 1 (position 0, flat 4 at width 4)."""
+    labels = torch.tensor([[-100, -100, 5, 6], [-100, 7, -100, -100]])
+    assert collate.answer_index(labels).tolist() == [1, 2, 4]
+    batch = collate.PackCollator(0, with_index=True)([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}])
+    assert batch["input_ids"].shape == (1, 8) and batch["answer_index"].tolist() == [0, 1]
+    assert "answer_index" not in collate.PackCollator(0)([{"input_ids": [1, 2], "labels": [-100, 2]}])
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_sync_free_step_equals_the_masked_one(packing):
+    """sync_free's training step (answer positions from the collator, transformers' packed-row check
+    skipped) has the loss and LoRA gradients of the step that counts them on the device; on CPU the same
+    arithmetic, so equal to float rounding. The packed batch holds rows of several sequences and a pad tail."""
+    from lib import speedups, trainable
+
+    model, tok = trainable.build(tiny_params(lora_r=8, packing=packing, pack_tokens=300))
+    model.train()
+    feats, _, _ = collate.encode_examples(tok, data.load_split("data/sample", "train", limit=6), "course", 2048)
+    coll = collate.collator(tiny_params(packing=packing, pack_tokens=300), tok)
+    batch = coll(feats)
+    assert "answer_index" in batch and ("position_ids" in batch) == packing
+    plain = {k: v for k, v in batch.items() if k != "answer_index"}
+    ref = _lora_grads(model, plain)
+    ref_loss = answer_loss(model, **plain).item()
+    with speedups.packed_rows_unchecked():
+        got = _lora_grads(model, batch)
+        got_loss = answer_loss(model, **batch).item()
+    assert got_loss == pytest.approx(ref_loss, rel=1e-6)
+    assert ref.keys() == got.keys() and all(torch.allclose(got[n], ref[n], rtol=1e-5, atol=1e-8) for n in ref)
+
+
+def test_packed_rows_unchecked_gives_the_mask_of_the_check_and_restores_it(tiny):
+    """Rows that hold one sequence each, where transformers' check returns None (plain causal mask): the
+    sequence ids the context returns instead give the same logits; the check is transformers' own again
+    after the context, also when it is left by an error."""
+    from transformers import masking_utils
+
+    from lib import speedups
+
+    model, _, _ = tiny
+    ids = torch.tensor([[1, 5, 6, 7, 8, 9], [1, 9, 8, 7, 6, 5]])
+    pos = torch.arange(6).expand(2, 6)
+    original = masking_utils.find_packed_sequence_indices
+    assert original(pos) is None  # the case where the two differ
+    with torch.no_grad():
+        ref = model(input_ids=ids, position_ids=pos).logits
+        with speedups.packed_rows_unchecked():
+            assert masking_utils.find_packed_sequence_indices(pos).tolist() == [[0] * 6] * 2
+            two = torch.tensor([[0, 1, 2, 0, 1, 2]])
+            assert masking_utils.find_packed_sequence_indices(two).tolist() == original(two).tolist() == [[0, 0, 0, 1, 1, 1]]
+            got = model(input_ids=ids, position_ids=pos).logits
+    assert torch.allclose(got, ref, atol=1e-5)
+    with pytest.raises(ZeroDivisionError), speedups.packed_rows_unchecked():
+        1 / 0
+    assert masking_utils.find_packed_sequence_indices is original
+
+
+@pytest.mark.parametrize("sync_free", [True, False])
+def test_batches_reach_the_device_without_a_blocking_copy(tmp_path, sync_free):
+    """With sync_free, the training dataloader accelerate prepares copies each batch to the device with
+    non_blocking (from pinned memory; HF leaves pinning off on a machine without a GPU): a blocking copy
+    makes the host wait for the GPU at every micro-batch. The trainer skips transformers' packed-row sync."""
+    from lib import trainable
+    from lib.trainer import make_trainer
+
+    p = tiny_params(lora_r=8, sync_free=sync_free)
+    model, tok = trainable.build(p)
+    feats, _, _ = collate.encode_examples(tok, data.load_split("data/sample", "train", limit=8), "course", 2048)
+    t = make_trainer(model, tok, feats, [], p, tmp_path, collate.collator(p, tok))
+    assert t.get_train_dataloader()._non_blocking is sync_free and t.sync_free is sync_free
