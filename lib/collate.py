@@ -25,19 +25,11 @@ def encode_examples(tok, records, template, max_length) -> tuple[list[dict], int
     return feats, cut, skipped
 
 
-def answer_index(labels):
-    """Flat positions (row x width + t) whose next token is scored (labels[row, t + 1] != IGNORE), in row-major
-    order: what the answer loss gathers. Counted here on the CPU, the loss's shapes are known without asking
-    the GPU (a boolean mask there makes the host wait for it)."""
-    rows, t = (labels[:, 1:] != IGNORE).nonzero(as_tuple=True)
-    return rows * labels.shape[1] + t
-
-
 class PadCollator:
-    """Right-pads a batch; pads get attention 0 and label IGNORE. with_index: the batch carries answer_index."""
+    """Right-pads a batch; pads get attention 0 and label IGNORE."""
 
-    def __init__(self, pad_id, with_index=False):
-        self.pad_id, self.with_index = pad_id, with_index
+    def __init__(self, pad_id):
+        self.pad_id = pad_id
 
     def __call__(self, feats):
         width = max(len(f["input_ids"]) for f in feats)
@@ -47,8 +39,7 @@ class PadCollator:
         for i, f in enumerate(feats):
             n = len(f["input_ids"])
             ids[i, :n], labels[i, :n], attn[i, :n] = torch.tensor(f["input_ids"]), torch.tensor(f["labels"]), 1
-        batch = {"input_ids": ids, "labels": labels, "attention_mask": attn}
-        return batch | ({"answer_index": answer_index(labels)} if self.with_index else {})
+        return {"input_ids": ids, "labels": labels, "attention_mask": attn}
 
 
 class PackCollator:
@@ -63,10 +54,10 @@ class PackCollator:
     carry label IGNORE.
     """
 
-    def __init__(self, pad_id=0, row_tokens=512, multiple=8, with_index=False):
+    def __init__(self, pad_id=0, row_tokens=512, multiple=8):
         # widths rounded up to a multiple of 8: a compiled model specializes on width % 8 and would
         # otherwise recompile (tens of seconds each) whenever a batch's width changes that remainder
-        self.pad_id, self.row_tokens, self.multiple, self.with_index = pad_id, row_tokens, multiple, with_index
+        self.pad_id, self.row_tokens, self.multiple = pad_id, row_tokens, multiple
 
     def rows(self, lengths) -> list[list[int]]:
         """Indices of the sequences in each row."""
@@ -97,12 +88,9 @@ class PackCollator:
                 pos[k, at:at + n] = torch.arange(n)
                 at += n
             pos[k, at:] = torch.arange(width - at)  # the pad tail as one more (unscored) sequence
-        batch = {"input_ids": ids, "labels": labels, "position_ids": pos}
-        return batch | ({"answer_index": answer_index(labels)} if self.with_index else {})
+        return {"input_ids": ids, "labels": labels, "position_ids": pos}
 
 
 def collator(p, tok):
-    """The recipe's collator; its batches carry answer_index where the answer loss takes it (sync_free)."""
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    with_index = p.answer_loss and p.sync_free
-    return PackCollator(pad, p.pack_tokens, with_index=with_index) if p.packing else PadCollator(pad, with_index)
+    return PackCollator(pad, p.pack_tokens) if p.packing else PadCollator(pad)

@@ -170,12 +170,6 @@ class SpeedParams:
     # (dynamo's DDPOptimizer cut each of the 1.5B's in two). The same sums. On 2 x H100 it took 01's
     # host-bound 1.5B step from 1.38x to 1.96x one GPU (benchmarks/README.md); false: DDP as torch sets it up
     ddp_lean: bool = True
-    # the training step never waits for the GPU: batches copied from pinned memory without blocking, the answer
-    # positions counted by the collator on the CPU (not by a boolean mask on the GPU), transformers' check for
-    # packed rows without its `.all()` (lib/speedups.py). Each of those made the host wait for the GPU at every
-    # micro-batch; under DDP the GPU may still be in the all-reduce that waits for the other rank's host,
-    # so the ranks' hosts went in lockstep. The same numbers; false: those syncs as before
-    sync_free: bool = True
 
     def check(self):
         _positive(self, "pack_tokens", "num_processes")

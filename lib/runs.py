@@ -22,7 +22,7 @@ from .results import atomic_write
 # sizes of evaluation, how many processes share the (unchanged) effective batch, and two that change only
 # how the same work is launched: cpp_wrapper (the same kernels, from C++) and ddp_lean (the same sums).
 NOT_RECIPE = {"run", "out_dir", "resume", "logging_steps", "save_steps", "device", "eval_batch_size",
-              "num_processes", "cpp_wrapper", "ddp_lean", "sync_free"}
+              "num_processes", "cpp_wrapper", "ddp_lean"}
 MARKER = "complete"
 
 

@@ -9,10 +9,7 @@
 - compile_layers: torch.compile of each decoder layer (regional compilation): the small model's step
   is bound by kernel launches and Python, not FLOPs.
 - checkpoint_only: gradient checkpointing on some layers, not all: memory traded for recomputation.
-- packed_rows_unchecked: transformers' packed-row check without its host-GPU sync (sync_free).
 """
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -78,33 +75,10 @@ def checkpoint_only(model, n: int) -> None:
 def eager():
     """Run compiled layers eagerly inside this context: the learning-curve evaluations and generation
     see other shapes (padding masks, one-token decoding) whose compilation would cost more than it saves."""
+    import contextlib
+
     set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6; older ones: compile is off anyway
     return set_stance("force_eager") if set_stance else contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def packed_rows_unchecked():
-    """transformers' packed-row detection without the question that makes the host wait for the GPU.
-
-    From position_ids, `masking_utils.find_packed_sequence_indices` numbers each token's sequence, then asks
-    `(ids[:, -1] == 0).all()` in a Python `if`, to return None where every row holds one sequence: a sync at
-    the start of every forward. Under DDP the GPU may then still be in the previous step's all-reduce, which
-    waits for the other rank's host, so the ranks' hosts go in lockstep and each step waits for the slower.
-    Inside this context the sequence ids are returned always. Where the check would have said None (every
-    row one sequence) they are all 0 and give the same causal mask, only built rather than skipped: the
-    same values. Its first three lines are transformers' own (5.x)."""
-    from transformers import masking_utils
-
-    def sequence_ids(position_ids):
-        first = position_ids[:, :1] - 1  # so that the first position's diff is 1
-        return (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
-
-    original = masking_utils.find_packed_sequence_indices
-    masking_utils.find_packed_sequence_indices = sequence_ids
-    try:
-        yield
-    finally:
-        masking_utils.find_packed_sequence_indices = original
 
 
 def uncompile(model):

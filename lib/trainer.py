@@ -135,17 +135,14 @@ class CurveCallback(TrainerCallback):
 
 
 def answer_loss(model, input_ids, labels, attention_mask=None, position_ids=None, num_items_in_batch=None,
-                bf16=False, head_loss="chunked", answer_index=None):
-    """Mean NLL of the answer tokens (labels != IGNORE), the LM head run on those positions only.
-    answer_index: those positions as the collator counted them (collate.answer_index), or None."""
-    score = None
-    if answer_index is None:
-        score = torch.zeros_like(labels, dtype=torch.bool)
-        score[:, :-1] = labels[:, 1:] != IGNORE  # position t predicts label t+1
+                bf16=False, head_loss="chunked"):
+    """Mean NLL of the answer tokens (labels != IGNORE), the LM head run on those positions only."""
+    score = torch.zeros_like(labels, dtype=torch.bool)
+    score[:, :-1] = labels[:, 1:] != IGNORE  # position t predicts label t+1
     # accelerate puts bf16 autocast around model.forward; this path calls the decoder directly, so it must
     # do the same, or the LoRA matmuls run in fp32 with a cast around every one of them
     with torch.autocast(labels.device.type, dtype=torch.bfloat16, enabled=bf16):
-        losses, _ = evaluate.token_nll(model, input_ids, attention_mask, score, position_ids, head_loss, answer_index)
+        losses, _ = evaluate.token_nll(model, input_ids, attention_mask, score, position_ids, head_loss)
     # a sum over the items of all accumulated micro-batches, as HF does: exact token mean per step
     return losses.sum() / (num_items_in_batch if num_items_in_batch is not None else losses.numel())
 
@@ -157,14 +154,7 @@ def sampling_strategy(p) -> str:
 
 class BalancedTrainer(Trainer):
     """HF's Trainer whose balance_ranks sampler splits by tokens (lib.sampler: HF's splits padded cost) and
-    shuffles by the run's seed (HF builds it with its default, 42, whatever `seed` says); with sync_free,
-    its forward and backward run without transformers' packed-row sync (speedups.packed_rows_unchecked)."""
-
-    sync_free = False  # SpeedParams.sync_free; configure sets it from the recipe
-
-    def training_step(self, *args, **kw):
-        with speedups.packed_rows_unchecked() if self.sync_free else contextlib.nullcontext():
-            return super().training_step(*args, **kw)
+    shuffles by the run's seed (HF builds it with its default, 42, whatever `seed` says)."""
 
     def _get_train_sampler(self, train_dataset=None):
         s = super()._get_train_sampler(train_dataset)
@@ -236,9 +226,6 @@ def training_args(p, out: Path, n_train: int) -> TrainingArguments:
         eval_strategy="no", report_to="none", seed=p.seed, data_seed=p.seed, bf16=bf16,
         use_cpu=(device_for(p.device) == "cpu"), remove_unused_columns=False,
         dataloader_num_workers=0, disable_tqdm=False, save_only_model=False,
-        # a blocking copy to the GPU waits for the GPU first (torch syncs the stream): sync_free copies from
-        # pinned memory (HF pins by default) without waiting
-        accelerator_config={"non_blocking": p.sync_free},
         ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient; the search costs a pass
         ddp_broadcast_buffers=False if p.ddp_lean else None,
         train_sampling_strategy=sampling_strategy(p),
@@ -290,7 +277,6 @@ def make_trainer(model, tok, feats, eval_records, p, out: Path, collator) -> Tra
 def configure(trainer, p):
     """The recipe's settings a Trainer cannot take as arguments (also for benchmarks/train_speed.py)."""
     trainer.head_loss = p.head_loss  # used by AnswerLossTrainer only
-    trainer.sync_free = p.sync_free
     if p.ddp_lean:
         if trainer.accelerator.ddp_handler is not None:
             # HF's arguments have no gradient_as_bucket_view; accelerate reads the handler when train() wraps
