@@ -9,6 +9,9 @@ tokens/s of N over 1 = seconds per step of 1 over N), measured in one run.
 in the call, so a drift over the call cancels): the ratio is that of the mean steps over the repeats, and each
 pair's own ratio is kept. One pair in sequence is not enough for a 10% question: on a 2 x H100 machine the
 same run's step wandered by 10-20% with its place in the call (benchmarks/README.md).
+`--budget-s S` starts no run expected to end more than S seconds after the script started (expected: as long
+as the longest finished run on as many GPUs, or of any before the first such): a device call's limit then
+cuts no run mid-compile, and the runs not started are listed.
 Writes DIR/ddp_compare.json (after each run: a call cut during the next keeps the runs before it) and
 DIR/ddp_curves.png. Run again with the same DIR to go on: a finished run is read back, not trained again.
 """
@@ -17,6 +20,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+from time import monotonic
 from pathlib import Path
 
 import pandas as pd
@@ -56,10 +60,14 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--processes", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1, help="train the pair this many times: 1, N, N, 1, ...")
+    ap.add_argument("--budget-s", type=float, default=0, help="start no run expected to end later (0: no limit)")
     ap.add_argument("changes", nargs="*", help="+key=value changes of the train recipe")
     a = ap.parse_intermixed_args()  # the +changes may follow --out
+    t0 = monotonic()
     if a.repeats < 1:
         raise SystemExit(f"--repeats {a.repeats}: at least 1")
+    if a.budget_s < 0:
+        raise SystemExit(f"--budget-s {a.budget_s}: seconds, or 0 for no limit")
     p = paramfile.load(a.params)["01_finetune"]
     p = dataclasses.replace(p, **paramfile.parse_changes(a.changes, params.TrainParams))
     out = Path(a.out)
@@ -68,18 +76,34 @@ def main():
     rate = apart("gpu_meter", "matmul_rate")  # before the runs, on an idle GPU
     hardware = apart("lib.results", "hardware")
     flops_token = flops_per_token(models.model_path(p.model), p)
-    runs = []
-    for k in range(a.repeats):
-        for n in pair_order(k, a.processes):
-            r = run(p, n, out, k)
-            if "summary" in r:
-                r |= speed(r, flops_token, rate)
-                print(f"{n} process(es): {r['tokens_per_s']} tokens/s, MFU {r['mfu'] * 100:.1f}% a GPU "
-                      f"(bf16 matmul rate measured here: {rate / 1e12:.1f} TFLOP/s)", flush=True)
-            runs.append(r)
-            doc = document(p, rate, hardware, runs)  # after each run: a call cut during the next keeps this one
+    plan = [(k, n) for k in range(a.repeats) for n in pair_order(k, a.processes)]
+    runs, walls = [], {}
+    for i, (k, n) in enumerate(plan):
+        left = a.budget_s - (monotonic() - t0)
+        if a.budget_s and not fits(walls, n, left):
+            print(f"not starting the {n}-process run (repeat {k}) nor the {len(plan) - i - 1} after it: "
+                  f"{left:.0f} s of --budget-s left", flush=True)
+            doc["not_started"] = [{"processes": m, "repeat": j} for j, m in plan[i:]]
             (out / "ddp_compare.json").write_text(json.dumps(doc, indent=2, default=str))
+            break
+        t = monotonic()
+        r = run(p, n, out, k)
+        walls.setdefault(n, []).append(monotonic() - t)
+        if "summary" in r:
+            r |= speed(r, flops_token, rate)
+            print(f"{n} process(es): {r['tokens_per_s']} tokens/s, MFU {r['mfu'] * 100:.1f}% a GPU "
+                  f"(bf16 matmul rate measured here: {rate / 1e12:.1f} TFLOP/s)", flush=True)
+        runs.append(r)
+        doc = document(p, rate, hardware, runs)  # after each run: a call cut during the next keeps this one
+        (out / "ddp_compare.json").write_text(json.dumps(doc, indent=2, default=str))
     compare(runs, a.processes, doc, out)
+
+
+def fits(walls: dict, n: int, left: float) -> bool:
+    """Whether a run on n processes is expected to end within `left` seconds: it takes as long as the
+    longest finished run on n (the first of a kind compiles cold), or of any kind before the first on n."""
+    done = walls.get(n) or [w for ws in walls.values() for w in ws]
+    return not done or max(done) <= left
 
 
 def pair_order(k: int, processes: int) -> tuple:

@@ -541,3 +541,33 @@ def test_ddp_compare_repeats_interleave_the_pair_and_average_it(tmp_path, monkey
     assert doc["speedup"] == pytest.approx(1.76) and doc["speedup_steady"] == pytest.approx(1.76)
     assert doc["speedup_pairs"] == pytest.approx([2.0, 1.6]) and doc["max_rel_diff_eval_ppl"] == 0
     assert [(r["processes"], r["repeat"]) for r in doc["runs"]] == order
+
+
+def test_ddp_compare_starts_no_run_that_would_end_past_its_budget(tmp_path, monkeypatch, capsys):
+    """--budget-s 300 with runs of 100 s (1 GPU) and 80 s (2 GPUs) on a fake clock, order 1, 2, 2, 1:
+    the first 2-GPU run is expected to take the longest so far (100 s; 200 left: starts), the second 80 s
+    (120 left: starts), the last 1-GPU run 100 s with 40 s left: not started, and listed."""
+    import ddp_compare
+    import yaml
+
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(yaml.safe_dump({"common": {"model": TINY}, "train": {"max_steps": 4, "eval_steps": 2}}))
+    clock = {"now": 0.0}
+    order = []
+
+    def fake(p, n, out, repeat=0):
+        order.append((n, repeat))
+        clock["now"] += 100.0 if n == 1 else 80.0
+        return {"processes": n, "repeat": repeat, "curve": pd.DataFrame({"step": [0, 4], "eval_ppl": [9.0, 7.0]}),
+                "summary": {"tokens_per_step": 100.0, "median_s_per_step": 0.2 / n}}
+
+    monkeypatch.setattr(ddp_compare, "run", fake)
+    monkeypatch.setattr(ddp_compare, "monotonic", lambda: clock["now"])
+    monkeypatch.setattr(sys, "argv", ["ddp_compare.py", str(cfg), "--out", str(tmp_path / "o"), "--repeats", "2",
+                                      "--budget-s", "300"])
+    ddp_compare.main()
+    assert order == [(1, 0), (2, 0), (2, 1)]
+    doc = json.loads((tmp_path / "o" / "ddp_compare.json").read_text())
+    assert doc["not_started"] == [{"processes": 1, "repeat": 1}] and len(doc["runs"]) == 3
+    assert doc["speedup"] == pytest.approx(2.0)
+    assert "not starting the 1-process run (repeat 1) nor the 0 after it: 40 s" in capsys.readouterr().out
