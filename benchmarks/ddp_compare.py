@@ -10,8 +10,8 @@ in the call, so a drift over the call cancels): the ratio is that of the mean st
 pair's own ratio is kept. One pair in sequence is not enough for a 10% question: on a 2 x H100 machine the
 same run's step wandered by 10-20% with its place in the call (benchmarks/README.md).
 `--budget-s S` starts no run expected to end more than S seconds after the script started (expected: as long
-as the longest finished run on as many GPUs, or of any before the first such): a device call's limit then
-cuts no run mid-compile, and the runs not started are listed.
+as the longest run on as many GPUs trained in this call, or of any before the first such): a device call's
+limit then cuts no run mid-compile, and the runs not started are listed.
 Writes DIR/ddp_compare.json (after each run: a call cut during the next keeps the runs before it) and
 DIR/ddp_curves.png. Run again with the same DIR to go on: a finished run is read back, not trained again.
 """
@@ -33,9 +33,13 @@ from lib.cli import one_line_errors  # noqa: E402
 from gpu_meter import apart, flops_per_token, mfu  # noqa: E402  beside this file
 
 
+def run_folder(out: Path, n: int, repeat: int) -> Path:
+    return out / (f"n{n}" if repeat == 0 else f"n{n}-r{repeat}")
+
+
 def run(p, n: int, out: Path, repeat: int = 0) -> dict:
     cfg = paramfile.dump_train(dataclasses.replace(p, num_processes=n), out / f"p{n}.yaml")
-    folder = out / (f"n{n}" if repeat == 0 else f"n{n}-r{repeat}")
+    folder = run_folder(out, n, repeat)
     r = subprocess.run([sys.executable, "-m", "lib.train", str(cfg), "--out", str(folder)], cwd=ROOT)
     if r.returncode:
         return {"processes": n, "repeat": repeat, "error": f"exit {r.returncode}"}
@@ -86,9 +90,10 @@ def main():
             doc["not_started"] = [{"processes": m, "repeat": j} for j, m in plan[i:]]
             (out / "ddp_compare.json").write_text(json.dumps(doc, indent=2, default=str))
             break
-        t = monotonic()
+        t, done_before = monotonic(), (run_folder(out, n, k) / "summary.json").exists()
         r = run(p, n, out, k)
-        walls.setdefault(n, []).append(monotonic() - t)
+        if not done_before:  # a run read back from an earlier call took seconds: no estimate of a new one
+            walls.setdefault(n, []).append(monotonic() - t)
         if "summary" in r:
             r |= speed(r, flops_token, rate)
             print(f"{n} process(es): {r['tokens_per_s']} tokens/s, MFU {r['mfu'] * 100:.1f}% a GPU "
@@ -101,7 +106,7 @@ def main():
 
 def fits(walls: dict, n: int, left: float) -> bool:
     """Whether a run on n processes is expected to end within `left` seconds: it takes as long as the
-    longest finished run on n (the first of a kind compiles cold), or of any kind before the first on n."""
+    longest run on n trained in this call (the first of a kind compiles cold), or of any kind before one on n."""
     done = walls.get(n) or [w for ws in walls.values() for w in ws]
     return not done or max(done) <= left
 

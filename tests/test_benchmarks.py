@@ -571,3 +571,23 @@ def test_ddp_compare_starts_no_run_that_would_end_past_its_budget(tmp_path, monk
     assert doc["not_started"] == [{"processes": 1, "repeat": 1}] and len(doc["runs"]) == 3
     assert doc["speedup"] == pytest.approx(2.0)
     assert "not starting the 1-process run (repeat 1) nor the 0 after it: 40 s" in capsys.readouterr().out
+    # a later call in a fresh folder whose 1-GPU run is already there: it is read back in a second, which is
+    # no estimate of the next 1-GPU run. Budget 200: read back (t=1), 2 GPUs (no estimate: t=81), 2 GPUs
+    # (80 <= 119 left: t=161), 1 GPU: estimated by the 80-s runs (39 left: not started), not by the second
+    out2 = tmp_path / "o2"
+    ddp_compare.run_folder(out2, 1, 0).mkdir(parents=True)
+    (ddp_compare.run_folder(out2, 1, 0) / "summary.json").write_text("{}")
+    clock["now"], order[:] = 0.0, []
+
+    def read_back(p, n, out, repeat=0):
+        if (ddp_compare.run_folder(out, n, repeat) / "summary.json").exists():
+            order.append((n, repeat))
+            clock["now"] += 1.0
+            return {"processes": n, "repeat": repeat, "curve": pd.DataFrame({"step": [0, 4], "eval_ppl": [9.0, 7.0]}),
+                    "summary": {"tokens_per_step": 100.0, "median_s_per_step": 0.2}}
+        return fake(p, n, out, repeat)
+
+    monkeypatch.setattr(ddp_compare, "run", read_back)
+    monkeypatch.setattr(sys, "argv", ["ddp_compare.py", str(cfg), "--out", str(out2), "--repeats", "2", "--budget-s", "200"])
+    ddp_compare.main()
+    assert order == [(1, 0), (2, 0), (2, 1)]
