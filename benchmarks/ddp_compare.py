@@ -20,8 +20,8 @@ import dataclasses
 import json
 import subprocess
 import sys
-from time import monotonic
 from pathlib import Path
+from time import monotonic
 
 import pandas as pd
 
@@ -82,13 +82,14 @@ def main():
     flops_token = flops_per_token(models.model_path(p.model), p)
     plan = [(k, n) for k in range(a.repeats) for n in pair_order(k, a.processes)]
     runs, walls = [], {}
+    doc = document(p, rate, hardware, runs)
     for i, (k, n) in enumerate(plan):
         left = a.budget_s - (monotonic() - t0)
         if a.budget_s and not fits(walls, n, left):
             print(f"not starting the {n}-process run (repeat {k}) nor the {len(plan) - i - 1} after it: "
                   f"{left:.0f} s of --budget-s left", flush=True)
             doc["not_started"] = [{"processes": m, "repeat": j} for j, m in plan[i:]]
-            (out / "ddp_compare.json").write_text(json.dumps(doc, indent=2, default=str))
+            write(doc, out)
             break
         t, done_before = monotonic(), (run_folder(out, n, k) / "summary.json").exists()
         r = run(p, n, out, k)
@@ -99,8 +100,8 @@ def main():
             print(f"{n} process(es): {r['tokens_per_s']} tokens/s, MFU {r['mfu'] * 100:.1f}% a GPU "
                   f"(bf16 matmul rate measured here: {rate / 1e12:.1f} TFLOP/s)", flush=True)
         runs.append(r)
-        doc = document(p, rate, hardware, runs)  # after each run: a call cut during the next keeps this one
-        (out / "ddp_compare.json").write_text(json.dumps(doc, indent=2, default=str))
+        doc = document(p, rate, hardware, runs)
+        write(doc, out)  # after each run: a call cut during the next keeps this one
     compare(runs, a.processes, doc, out)
 
 
@@ -133,7 +134,7 @@ def compare(runs: list, processes: int, doc: dict, out: Path):
     each = f"; pair by pair {', '.join(f'{x:.2f}x' for x in pairs)}" if len(pairs) > 1 else ""
     print(f"{processes} GPUs over 1: {doc['speedup']:.2f}x the tokens/s by the median step{steady}{each}; "
           f"curves differ by at most {rel * 100:.2f}% (relative, eval ppl)")
-    (out / "ddp_compare.json").write_text(json.dumps(doc, indent=2, default=str))
+    write(doc, out)
 
 
 def ratios(ones: list, manys: list) -> dict:
@@ -147,6 +148,10 @@ def ratios(ones: list, manys: list) -> dict:
     if all(r["summary"].get("steady_s_per_step") for r in ones + manys):
         out["speedup_steady"] = mean(ones, "steady_s_per_step") / mean(manys, "steady_s_per_step")
     return out
+
+
+def write(doc: dict, out: Path):
+    (out / "ddp_compare.json").write_text(json.dumps(doc, indent=2, default=str))
 
 
 def document(p, rate, hardware, runs) -> dict:

@@ -136,11 +136,10 @@ def apart(module: str, function: str, *args):
     """`module.function(*args)` (a module of this folder, of the project or any other) run in a child
     process, its result given back through JSON (a Path as its string). Why: a script that starts training
     processes (ddp_compare.py, train_speed.py --processes) does its own device work this way, so it holds
-    no CUDA context while they train. On two 2 x H100 machines a 2-GPU run started alone after
-    ddp_compare.py had finished was 10-20% faster a step than ddp_compare.py's own 2-GPU run, whichever of
-    two levers each ran with (README, "Several GPUs"), and ddp_compare.py had timed the matmul rate on
-    GPU 0 in its own process first: the context is the suspect (CUDA's guide advises one context per
-    device, as Theano/Theano#1874 quoted it when it stopped opening a second), not yet measured apart."""
+    no CUDA context while they train (CUDA's guide advises one context per device, as Theano/Theano#1874
+    quoted it when it stopped opening a second). It was the suspect of a 2-GPU run going 10-20% faster
+    alone than inside ddp_compare.py; measured after (2 x H100, 2026-11-27), it was not the gap: 01's
+    ratio stayed 1.79x (README, "Several GPUs"). Kept: a measuring process should not share the GPUs."""
     code = (f"import json, sys; sys.path[:0] = [{str(HERE)!r}, {str(HERE.parent)!r}]; import {module}; "
             f"print(json.dumps({module}.{function}(*{list(args)!r}), default=str))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

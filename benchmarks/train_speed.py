@@ -167,7 +167,7 @@ class Clock(TrainerCallback):
             self.prof.__exit__(None, None, None)
 
 
-def random_model(config: str, folder) -> Path:
+def random_model(config: str, folder: str | Path) -> Path:
     """Random weights of an architecture, made on the GPU and saved once in bf16 for the NF4 loader."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
