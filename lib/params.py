@@ -160,6 +160,9 @@ class SpeedParams:
     # C++ (on a CPU several times longer; on the H100 no longer)
     cpp_wrapper: bool = False
     lean_nf4: bool = False  # 4-bit layers without bitsandbytes' Python wrappers (lib/nf4.py): same products
+    # the LoRA projections that read the same input (q/k/v, gate/up) computed as one group in training: one base
+    # matmul and one x @ A a group, fewer launches and thin matmuls (lib/fused_projections.py); same sums
+    fuse_projections: bool = False
     num_processes: int = 1  # data-parallel processes (GPUs) via accelerate launch; grad_accum is split across them
     # DDP all-reduces the gradients in bf16 (half the bytes; the average rounded to bf16). Over NVLink it made no
     # difference (2 x H100, README): for hosts whose GPUs talk over PCIe or a network
@@ -200,12 +203,26 @@ class SpeedParams:
                 raise ParamsError(f"{flag} needs quantization: nf4 (there are no 4-bit layers)")
         if self.balance_ranks and self.group_by_length:
             raise ParamsError("balance_ranks and group_by_length exclude each other (both choose the batches)")
+        if self.fuse_projections:
+            _fusable(self)
         if self.cache_dequantized and self.lean_nf4:
             raise ParamsError("cache_dequantized and lean_nf4 exclude each other (the cache replaces the 4-bit layers)")
         try:
             per_process_accum(self.grad_accum, self.num_processes)
         except ValueError as e:
             raise ParamsError(str(e)) from None
+
+
+def _fusable(p):
+    """fuse_projections' conditions that the recipe alone decides (the model's layers are checked at build)."""
+    if getattr(p, "full_finetune", False) or getattr(p, "use_dora", False):
+        raise ParamsError("fuse_projections groups LoRA projections: not with full_finetune or use_dora")
+    if getattr(p, "lora_dropout", 0.0):
+        raise ParamsError("fuse_projections needs lora_dropout: 0 (peft draws a dropout mask per projection; a "
+                          "group reads its input once)")
+    if p.quantization == "nf4" and not (p.lean_nf4 or p.cache_dequantized):
+        raise ParamsError("fuse_projections with quantization: nf4 needs lean_nf4 or cache_dequantized (it reads "
+                          "their 4-bit or dequantized weights, not bitsandbytes' layers)")
 
 
 def _needs_cce():

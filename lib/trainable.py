@@ -2,13 +2,15 @@
 trainable), speed settings on."""
 from transformers import set_seed
 
-from . import models, nf4, speedups
+from . import fused_projections, models, nf4, speedups
 
 
 def make_trainable(model, p):
     """The loaded base model made trainable as p says: LoRA adapters (add_lora) or, with p.full_finetune,
     every weight (full_weights); then the speed settings that apply to both."""
     model = full_weights(model, p) if p.full_finetune else add_lora(model, p)
+    if p.fuse_projections:  # params refuse it for full fine-tuning
+        fused_projections.fuse_projections(model)
     if p.checkpointed_layers:  # params refuse it without gradient_checkpointing
         speedups.checkpoint_only(model, p.checkpointed_layers)
     if p.compile:

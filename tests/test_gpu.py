@@ -112,3 +112,17 @@ def test_attention_backward_is_finite_where_cudnn_gave_nan():
     # 960 (on an H100: 0.12 against 5e-6). The other 63 features are the gradient proper.
     got, ref = got[..., 1:], ref[..., 1:]
     assert (got - ref).norm() / ref.norm() < 0.05  # bf16 kernels: the same gradient, not the same rounding
+
+
+@pytest.mark.parametrize("compile_", [False, True])
+def test_fused_projections_step_on_gpu(compile_):
+    """fuse_projections on CUDA with the 7B recipe's path (lean NF4, bf16 autocast, checkpointing or
+    compiled layers): one step's loss and LoRA gradients equal peft's per-projection ones to bf16 rounding."""
+    from lib import collate, params
+    from tests.test_fused_projections import same_step
+
+    tok = models.load_tokenizer(TINY)
+    feats = collate.encode_examples(tok, data.load_split("data/sample", "train", limit=4), "course", 2048)[0]
+    p = params.TrainParams(model=TINY, compute_dtype="bfloat16", lean_nf4=True, keep_frozen_dtype=True,
+                           compile=compile_, gradient_checkpointing=not compile_)
+    same_step(p, feats, tok, rtol=1e-2, device="cuda")
