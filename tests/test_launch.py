@@ -146,6 +146,20 @@ def test_balanced_ranks_two_processes_are_the_one_process_run(tmp_path):
     assert c2.eval_ppl.iloc[-1] < c2.eval_ppl.iloc[0]
 
 
+def test_fused_projections_two_processes_are_the_one_process_run(tmp_path):
+    """fuse_projections under DDP (its 16-bit base weights are views of one stacked tensor, which the
+    wrap-time broadcast writes through): 2 processes train the 1-process run's losses, gradient norms and
+    curve; and that run is the per-projection one's to bf16 rounding."""
+    plain = launch.run(_cfg(tmp_path, 1), tmp_path / "plain", 1, cpu=True)
+    one = launch.run(_cfg(tmp_path, 1, fuse_projections=True), tmp_path / "one", 1, cpu=True)
+    two = launch.run(_cfg(tmp_path, 2, fuse_projections=True), tmp_path / "two", 2, cpu=True)
+    assert _log(two) == pytest.approx(_log(one), rel=1e-5)
+    c1, c2 = pd.read_csv(one / "curve.csv"), pd.read_csv(two / "curve.csv")
+    assert c2.eval_ppl.to_numpy() == pytest.approx(c1.eval_ppl.to_numpy(), rel=1e-5)
+    assert _log(one) == pytest.approx(_log(plain), rel=5e-3)
+    assert c1.eval_ppl.to_numpy() == pytest.approx(pd.read_csv(plain / "curve.csv").eval_ppl.to_numpy(), rel=5e-3)
+
+
 def test_lean_ddp_keeps_each_compiled_layer_one_graph(tmp_path):
     """Under DDP, dynamo cut a compiled layer holding more than 1 MB of trainable weights into two graphs
     (DDPOptimizer's first bucket; qwen2.5-1.5B's LoRA is ~10 MB a layer); ddp_lean keeps it one graph,
