@@ -30,9 +30,11 @@ def start_pyspy(path):
 
 
 PY_FRAME = re.compile(r"\.py\(\d+\)|^<built-in|^<frozen")
-KERNEL_KINDS = (("nccl", ("nccl",)), ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas")), ("dequantize", ("dequantize",)),
-                ("attention", ("fmha", "attention", "sdpa", "flash")), ("optimizer", ("multi_tensor", "adam")),
-                ("compiled", ("triton",)), ("copy/cast", ("copy", "direct_copy", "cast")))
+# first match wins. Attention before gemm: torch's memory-efficient attention kernels are CUTLASS's
+# (fmha_cutlassF/B...) and were counted as matmuls until 2026-11-27 (~40 ms of the 7B step's "gemm")
+KERNEL_KINDS = (("nccl", ("nccl",)), ("attention", ("fmha", "attention", "sdpa", "flash")),
+                ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas")), ("dequantize", ("dequantize",)),
+                ("optimizer", ("multi_tensor", "adam")), ("compiled", ("triton",)), ("copy/cast", ("copy", "direct_copy", "cast")))
 
 
 def kernel_kind(name: str) -> str:

@@ -591,3 +591,21 @@ def test_ddp_compare_starts_no_run_that_would_end_past_its_budget(tmp_path, monk
     monkeypatch.setattr(sys, "argv", ["ddp_compare.py", str(cfg), "--out", str(out2), "--repeats", "2", "--budget-s", "200"])
     ddp_compare.main()
     assert order == [(1, 0), (2, 0), (2, 1)]
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("fmha_cutlassB_bf16_aligned_128x128_k128_seqaligned_sm80(PyTorchMemEffAttention::AttentionBackwardKernel", "attention"),
+    ("fmha_cutlassF_bf16_aligned_64x128_rf_sm80(PyTorchMemEffAttention::AttentionKernel", "attention"),
+    ("nvjet_sm90_tst_320x128_64x3_1x2_h_bz_coopB_TNT", "gemm"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "gemm"),
+    ("void kDequantizeBlockwise<__nv_bfloat16, 512, 64, 8, 2>(float*, unsigned char*", "dequantize"),
+    ("triton_poi_fused___rshift____to_copy_bitwise_and_index_mul_stack_unsqueeze_0", "compiled"),
+    ("ncclDevKernel_AllReduce_Sum_f32_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "nccl"),
+    ("void at::native::elementwise_kernel<128, 2, at::native::gpu_kernel_impl", "other elementwise"),
+])
+def test_kernel_kinds_of_real_kernel_names(name, kind):
+    """Kernel names from the H100 profiles: the memory-efficient attention kernels are CUTLASS's and once
+    counted as matmuls."""
+    from gpu_meter import kernel_kind
+
+    assert kernel_kind(name) == kind
