@@ -161,18 +161,20 @@ def fusable(lora_layers) -> str:
 
 
 def fuse_projections(model) -> int:
-    """Group the LoRA projections that share an input in every decoder layer; returns how many groups.
-    Raises ValueError when a layer's projections cannot be grouped (what fusable() says)."""
+    """Group the LoRA projections that share an input in every decoder layer (those with an adapter: with
+    target_modules [q_proj, v_proj] the group is q and v); returns how many groups. Raises ValueError when
+    a layer's adapted projections cannot be grouped (what fusable() says)."""
     n = 0
     for layer in speedups.decoder_layers(model):
         for block_name, names in GROUPS.items():
             block = getattr(layer, block_name, None)
-            members = [getattr(block, nm, None) for nm in names]
-            if block is None or any(m is None for m in members):
+            adapted = [nm for nm in names if hasattr(getattr(block, nm, None), "lora_A")]
+            if len(adapted) < 2:  # nothing to group
                 continue
+            members = [getattr(block, nm) for nm in adapted]
             why = fusable(members)
             if why:
-                raise ValueError(f"fuse_projections: {block_name}'s {', '.join(names)} cannot be fused: {why}")
+                raise ValueError(f"fuse_projections: {block_name}'s {', '.join(adapted)} cannot be fused: {why}")
             group = Group(members)
             for i, m in enumerate(members):
                 m.forward = _member_forward(group, i, m)

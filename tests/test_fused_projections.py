@@ -157,3 +157,13 @@ def test_compiled_group_has_no_graph_break_without_bitsandbytes(feats, monkeypat
     batch = collate.PadCollator(feats[1].pad_token_id)(feats[0])
     answer_loss(model, **batch).backward()
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+
+
+def test_only_the_adapted_projections_are_grouped(feats):
+    """target_modules [q_proj, v_proj, up_proj]: q and v form the attention's group (k, without an adapter,
+    stays peft's plain layer between their calls), the MLP has nothing to group; the step is peft's."""
+    p = params.TrainParams(model=TINY, compute_dtype="float32", quantization="none",
+                           target_modules=["q_proj", "v_proj", "up_proj"])
+    model = same_step(p, *feats)
+    grouped = sorted(n.rsplit(".", 1)[-1] for n, m in model.named_modules() if "forward" in m.__dict__)
+    assert grouped == ["q_proj", "q_proj", "v_proj", "v_proj"]  # two layers
