@@ -37,18 +37,14 @@ class _Group4bit(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, *flat):
         layers = [flat[i:i + FIELDS] for i in range(0, len(flat), FIELDS)]
-        ctx.save_for_backward(*[t for f in layers for t in f[:6] if t is not None])
-        ctx.nested = [f[2] is not None for f in layers]
+        ctx.save_for_backward(*[t for f in layers for t in f[:6]])  # absmax2, code2, offset may be None
         ctx.sizes = [f[6:] for f in layers]
         return F.linear(x, _stacked(layers, x.dtype, fuse=None), bias)
 
     @staticmethod
     def backward(ctx, grad):
-        saved, layers = iter(ctx.saved_tensors), []
-        for nested, sizes in zip(ctx.nested, ctx.sizes):
-            packed, absmax = next(saved), next(saved)
-            rest = (next(saved), next(saved), next(saved)) if nested else (None, None, None)
-            layers.append((packed, absmax) + rest + (next(saved),) + tuple(sizes))
+        saved = ctx.saved_tensors
+        layers = [saved[6 * i:6 * i + 6] + tuple(sizes) for i, sizes in enumerate(ctx.sizes)]
         return (grad @ _stacked(layers, grad.dtype, fuse=False), None) + (None,) * (FIELDS * len(layers))
 
 
