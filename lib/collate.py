@@ -54,10 +54,15 @@ class PackCollator:
     carry label IGNORE.
     """
 
-    def __init__(self, pad_id=0, row_tokens=512, multiple=8):
+    def __init__(self, pad_id=0, row_tokens=512, multiple=8, bounds=False):
         # widths rounded up to a multiple of 8: a compiled model specializes on width % 8 and would
         # otherwise recompile (tens of seconds each) whenever a batch's width changes that remainder
         self.pad_id, self.row_tokens, self.multiple = pad_id, row_tokens, multiple
+        # bounds (varlen_attention): the sequences' boundaries go with the batch, attention costs what each
+        # sequence costs alone whatever the row, so the whole micro-batch is one row (no row padding)
+        self.bounds = bounds
+        if bounds:
+            self.row_tokens = float("inf")
 
     def rows(self, lengths) -> list[list[int]]:
         """Indices of the sequences in each row."""
@@ -88,9 +93,26 @@ class PackCollator:
                 pos[k, at:at + n] = torch.arange(n)
                 at += n
             pos[k, at:] = torch.arange(width - at)  # the pad tail as one more (unscored) sequence
-        return {"input_ids": ids, "labels": labels, "position_ids": pos}
+        out = {"input_ids": ids, "labels": labels, "position_ids": pos}
+        if self.bounds:
+            out.update(self.boundaries(feats, rows, width))
+        return out
+
+    @staticmethod
+    def boundaries(feats, rows, width):
+        """seq_bounds/seq_max for lib.varlen_attention: every sequence of the flattened rows, pad tails too."""
+        lengths = []
+        for r in rows:
+            lengths += [len(feats[i]["input_ids"]) for i in r]
+            tail = width - sum(len(feats[i]["input_ids"]) for i in r)
+            lengths += [tail] if tail else []
+        cumulative = torch.zeros(len(lengths) + 1, dtype=torch.int32)  # int32: as the flash kernel takes them
+        cumulative[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
+        return {"seq_bounds": cumulative, "seq_max": max(lengths)}
 
 
 def collator(p, tok):
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return PackCollator(pad, p.pack_tokens) if p.packing else PadCollator(pad)
+    if not p.packing:
+        return PadCollator(pad)
+    return PackCollator(pad, p.pack_tokens, bounds=p.varlen_attention)

@@ -69,17 +69,19 @@ def _parts(model):
     return base.get_decoder(), base.get_output_embeddings(), getattr(base.config, "final_logit_softcapping", None)
 
 
-def token_nll(model, ids, attn, score, position_ids=None, head_loss="chunked"):
+def token_nll(model, ids, attn, score, position_ids=None, head_loss="chunked", **attention_kw):
     """NLL of each scored next token: position t (score[b, t] True) predicting ids[b, t+1].
 
     Returns (losses [N], row index of each [N]). Runs the decoder, then the LM head only on scored
     positions: exact, and the prompt's full-vocabulary logits (262k wide for Gemma) never exist.
     Training uses it too, so the training loss and the metric score the same tokens the same way.
     Packed rows pass attn=None and position_ids restarting at 0 for each sequence (transformers then
-    builds a block-diagonal causal mask). head_loss: chunked_loss.HEAD_LOSSES' key (training may choose).
+    builds a block-diagonal causal mask), or, in training with varlen_attention, also the sequences' bounds
+    in attention_kw (seq_bounds, seq_max: lib.varlen_attention). head_loss: chunked_loss.HEAD_LOSSES' key.
     """
     decoder, head, cap = _parts(model)
-    hidden = decoder(input_ids=ids, attention_mask=attn, position_ids=position_ids, use_cache=False).last_hidden_state
+    hidden = decoder(input_ids=ids, attention_mask=attn, position_ids=position_ids, use_cache=False,
+                     **attention_kw).last_hidden_state
     targets = ids[:, 1:][score[:, :-1]]
     losses = HEAD_LOSSES[head_loss](hidden[score], head.weight, targets, cap, head.bias)  # no full logits
     return losses, score.nonzero()[:, 0]

@@ -143,6 +143,10 @@ class SpeedParams:
     head_loss: str = "chunked"  # the answer loss's LM head: chunked (lib/chunked_loss.py) or cce (cut-cross-entropy, CUDA)
     packing: bool = False  # sequences laid end to end in rows, no padding between them (same per-example loss)
     pack_tokens: int = 512  # row length for packing (a longer sequence gets a row of its own)
+    # packed sequences attend by their boundaries, not through a block-diagonal mask (lib/varlen_attention.py):
+    # on CUDA in bf16 torch's flash varlen kernel computes only each sequence's causal pairs, and a micro-batch
+    # is one row (no row padding; pack_tokens unused). Same attention; evaluation and generation keep SDPA
+    varlen_attention: bool = False
     group_by_length: bool = False  # batches of similar length pad less (speed); False keeps the seed's order
     # each optimizer step's records split into micro-batches of near-equal tokens (lib/sampler.py, its own
     # shuffle by `seed`): under DDP no rank waits for a longer batch; the same records per step on 1 or N
@@ -201,6 +205,11 @@ class SpeedParams:
         for flag in ("cache_dequantized", "lean_nf4"):
             if getattr(self, flag) and self.quantization != "nf4":
                 raise ParamsError(f"{flag} needs quantization: nf4 (there are no 4-bit layers)")
+        if self.varlen_attention and not self.packing:
+            raise ParamsError("varlen_attention needs packing: true (it attends by the packed sequences' bounds)")
+        if self.varlen_attention and self.pack_tokens != SpeedParams.pack_tokens:
+            raise ParamsError("pack_tokens is the row length under a mask; with varlen_attention a micro-batch is "
+                              "one row: leave pack_tokens out")
         if self.balance_ranks and self.group_by_length:
             raise ParamsError("balance_ranks and group_by_length exclude each other (both choose the batches)")
         if self.fuse_projections:

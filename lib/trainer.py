@@ -14,7 +14,7 @@ from accelerate.utils import DistributedDataParallelKwargs
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_pt_utils import BatchRebalanceSampler
 
-from . import evaluate, prompts, speedups
+from . import evaluate, prompts, speedups, varlen_attention
 from .collate import IGNORE
 from .launch import per_process_accum
 from .models import device_for
@@ -135,14 +135,14 @@ class CurveCallback(TrainerCallback):
 
 
 def answer_loss(model, input_ids, labels, attention_mask=None, position_ids=None, num_items_in_batch=None,
-                bf16=False, head_loss="chunked"):
+                bf16=False, head_loss="chunked", **attention_kw):
     """Mean NLL of the answer tokens (labels != IGNORE), the LM head run on those positions only."""
     score = torch.zeros_like(labels, dtype=torch.bool)
     score[:, :-1] = labels[:, 1:] != IGNORE  # position t predicts label t+1
     # accelerate puts bf16 autocast around model.forward; this path calls the decoder directly, so it must
     # do the same, or the LoRA matmuls run in fp32 with a cast around every one of them
     with torch.autocast(labels.device.type, dtype=torch.bfloat16, enabled=bf16):
-        losses, _ = evaluate.token_nll(model, input_ids, attention_mask, score, position_ids, head_loss)
+        losses, _ = evaluate.token_nll(model, input_ids, attention_mask, score, position_ids, head_loss, **attention_kw)
     # a sum over the items of all accumulated micro-batches, as HF does: exact token mean per step
     return losses.sum() / (num_items_in_batch if num_items_in_batch is not None else losses.numel())
 
@@ -163,6 +163,11 @@ class BalancedTrainer(Trainer):
             s = PackedRebalanceSampler(s.lengths, s.effective_batch_size, s.dp_size, s.grad_accum, seed=seed,
                                        rank=s.rank, drop_last=s.drop_last)
         return s
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        # a batch with the sequences' bounds (varlen_attention) trains with that attention, backward included
+        with varlen_attention.training(self.model, "seq_bounds" in inputs):
+            return super().training_step(model, inputs, *args, **kwargs)
 
 
 class AnswerLossTrainer(BalancedTrainer):

@@ -1,4 +1,6 @@
 """GPU-only checks (pytest -m gpu on a CUDA machine; CI has none and skips them)."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -126,3 +128,49 @@ def test_fused_projections_step_on_gpu(compile_):
     p = params.TrainParams(model=TINY, compute_dtype="bfloat16", lean_nf4=True, keep_frozen_dtype=True,
                            compile=compile_, gradient_checkpointing=not compile_)
     same_step(p, feats, tok, rtol=1e-2, device="cuda")
+
+
+@pytest.mark.parametrize("window", [None, 64])
+def test_varlen_flash_equals_the_masked_path_on_gpu(window):
+    """torch's flash varlen kernel (bf16, 12 query heads over 2 key/value heads of 128, as qwen2.5-1.5B;
+    a sliding window too): output and q/k/v gradients equal the masked path's in fp32 to bf16 rounding."""
+    from lib import varlen_attention as va
+
+    torch.manual_seed(0)
+    lengths = [200, 37, 512, 90, 1, 300]
+    t = sum(lengths)
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    q, k, v = (torch.randn(1, h, t, 128, device="cuda") for h in (12, 2, 2))
+    dout = torch.randn(1, t, 12, 128, device="cuda")
+
+    def run(dtype):
+        xs = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+        out, _ = va.attention(None, *xs, None, scaling=0.09, sliding_window=window, seq_bounds=cu, seq_max=512)
+        (out.float() * dout).sum().backward()
+        return [out.float()] + [x.grad.float() for x in xs]
+
+    assert va._flash_ok(q.to(torch.bfloat16)) and not va._flash_ok(q)
+    for got, ref in zip(run(torch.bfloat16), run(torch.float32)):
+        torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+def test_varlen_training_step_on_gpu(tmp_path):
+    """The Trainer's bf16 step with varlen_attention (the flash kernel, checkpointed layers) gives the
+    masked packing step's loss and LoRA gradients to bf16 rounding."""
+    from lib import collate, params
+    from lib import varlen_attention as va
+    from tests.test_varlen_attention import _trainer_step
+
+    tok = models.load_tokenizer(TINY)
+    feats = collate.encode_examples(tok, data.load_split("data/sample", "train", limit=4), "course", 2048)[0]
+    base = params.TrainParams(model=TINY, quantization="none", compute_dtype="bfloat16", packing=True,
+                              eval_steps=1000, save_steps=0)
+    loss0, g0 = _trainer_step(base, feats, tok, tmp_path / "a")
+    calls, flash = [], va._flash
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(va, "_flash", lambda *a: calls.append(1) or flash(*a))
+        loss, g = _trainer_step(dataclasses.replace(base, varlen_attention=True), feats, tok, tmp_path / "b")
+    assert len(calls) == 4  # 2 layers, forward and recompute
+    assert loss == pytest.approx(loss0, rel=1e-2)
+    for n in g0:
+        torch.testing.assert_close(g[n], g0[n], rtol=5e-2, atol=2e-2 * g0[n].abs().max().item())

@@ -1,0 +1,111 @@
+"""Attention over packed sequences by their boundaries (varlen) instead of a block-diagonal mask.
+
+With packing, transformers' SDPA path finds the sequences in position_ids (a host-GPU sync), builds a
+[rows, 1, T, T] mask and runs a masked kernel that computes every (query, key) pair of a row, other
+sequences' and future ones included: for the course's 16-record micro-batches in rows of 512 tokens,
+6.5x the pairs a causal per-sequence attention needs, and every row padded to the longest. Here the
+collator hands over the boundaries (`seq_bounds`, cumulative lengths over the flattened rows, and the
+longest `seq_max`) and each sequence attends causally to itself only: on CUDA in bf16/fp16 with torch's
+flash-attention varlen kernel (only the pairs inside each sequence are computed, so a micro-batch is one
+row without row padding); elsewhere with SDPA and a mask made from the same boundaries (same numbers,
+no speed-up: the CPU path and the tests' reference).
+
+Training switches the model's attention to this one for its steps (`training`), forward and checkpointed
+recompute alike; evaluation and generation keep SDPA and their padding masks.
+"""
+import contextlib
+import inspect
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+NAME = "cct_varlen"  # no mask function is registered under it: transformers then builds no mask at all
+
+try:
+    from torch.nn.attention.varlen import varlen_attn
+    _VARLEN_ARGS = inspect.signature(varlen_attn).parameters
+except ImportError:  # torch < 2.10: the mask path everywhere
+    varlen_attn, _VARLEN_ARGS = None, {}
+
+
+def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
+              softcap=None, seq_bounds=None, seq_max=None, **kwargs):
+    """transformers' attention interface: query [B, H, T, D], key/value [B, Hkv, T, D] -> ([B, T, H, D], None)."""
+    if seq_bounds is None:
+        raise ValueError(f"attention {NAME!r} needs the packed sequences' bounds (seq_bounds from the collator "
+                         "with varlen_attention: true); only training steps switch to it")
+    if dropout or softcap is not None:
+        raise ValueError(f"varlen_attention: attention dropout ({dropout}) and logit soft-capping ({softcap}) "
+                         "are not supported; turn varlen_attention off for this model")
+    b, h, t, d = query.shape
+    q, k, v = (x.transpose(1, 2).reshape(b * t, x.shape[1], d) for x in (query, key, value))
+    scale = scaling if scaling is not None else d ** -0.5
+    if _flash_ok(q):
+        out = _flash(q, k, v, seq_bounds, seq_max, scale, sliding_window)
+    else:
+        out = _masked(q, k, v, seq_bounds, scale, sliding_window)
+    return out.view(b, t, h, d), None
+
+
+def _flash_ok(q) -> bool:
+    """torch's flash kernel: CUDA, half precision, head size up to 256 in steps of 8."""
+    d = q.shape[-1]
+    return varlen_attn is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and d <= 256 \
+        and d % 8 == 0
+
+
+def _flash(q, k, v, cu, longest, scale, window):
+    kw = {}
+    left = window - 1 if window is not None else -1  # transformers' window: keys less than `window` back
+    if "window_size" in _VARLEN_ARGS:
+        kw["window_size"] = (left, 0)  # (left, 0) is causal
+    elif left == -1:
+        kw["is_causal"] = True  # torch 2.10 spelled causal this way and had no window
+    else:
+        raise ValueError("varlen_attention with a sliding window needs torch >= 2.11")
+    if "scale" in _VARLEN_ARGS:
+        kw["scale"] = scale
+    else:
+        q = q * (scale * q.shape[-1] ** 0.5)  # the kernel's own scale is 1/sqrt(D)
+    if "enable_gqa" in _VARLEN_ARGS and k.shape[1] != q.shape[1]:
+        kw["enable_gqa"] = True
+    cu = cu.to(device=q.device, dtype=torch.int32)
+    return varlen_attn(q, k, v, cu, cu, longest, longest, **kw)
+
+
+def _masked(q, k, v, cu, scale, window):
+    """The same attention with SDPA: query i sees key j iff both lie in one sequence and j <= i (< window back)."""
+    pos = torch.arange(q.shape[0], device=q.device)
+    seq = torch.searchsorted(cu.to(q.device)[1:].contiguous(), pos, right=True)  # sequence of each token
+    mask = (seq[:, None] == seq[None, :]) & (pos[None, :] <= pos[:, None])
+    if window is not None:
+        mask &= pos[:, None] - pos[None, :] < window
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
+                                         scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    return out.transpose(0, 1)
+
+
+AttentionInterface.register(NAME, attention)
+
+
+def config_of(model):
+    """The config the decoder layers read their attention implementation from (peft-wrapped or not)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.config
+
+
+@contextlib.contextmanager
+def training(model, on: bool):
+    """Inside: the model attends with NAME (a training step: its forward and its backward's recompute,
+    which reads the implementation again). Off: nothing changes."""
+    if not on:
+        yield
+        return
+    cfg = config_of(model)
+    before = cfg._attn_implementation
+    cfg._attn_implementation = NAME
+    try:
+        yield
+    finally:
+        cfg._attn_implementation = before

@@ -1,0 +1,184 @@
+"""varlen_attention: packed sequences attend by their bounds, each as if alone."""
+import contextlib
+import dataclasses
+
+import pytest
+import torch
+
+from lib import collate, data, evaluate, models, params, prompts, trainable, varlen_attention
+from lib.trainer import answer_loss, make_trainer
+from tests.tiny_model import TINY
+
+
+def _reference(q, k, v, lengths, scale, window=None):
+    """Attention of each sequence alone, written out: query i of a sequence weighs its keys j <= i
+    (fewer than `window` back), softmax(q.k * scale); key/value heads shared by groups of query heads."""
+    out, start, group = torch.zeros_like(q), 0, q.shape[1] // k.shape[1]
+    for n in lengths:
+        for i in range(n):
+            for h in range(q.shape[1]):
+                js = [j for j in range(n) if j <= i and (window is None or i - j < window)]
+                keys = torch.stack([k[start + j, h // group] for j in js])
+                w = torch.softmax(keys @ q[start + i, h] * scale, 0)
+                out[start + i, h] = w @ torch.stack([v[start + j, h // group] for j in js])
+        start += n
+    return out
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_attention_is_each_sequence_alone(window):
+    """Two rows of 10 flattened, five sequences (the second row's tail is its own), 4 query heads over 2
+    key/value heads; with a sliding window of 3 too."""
+    torch.manual_seed(0)
+    lengths, (b, h, hkv, t, d) = [5, 3, 2, 6, 4], (2, 4, 2, 10, 8)
+    q, k, v = torch.randn(b, h, t, d), torch.randn(b, hkv, t, d), torch.randn(b, hkv, t, d)
+    cu = torch.tensor([0, 5, 8, 10, 16, 20], dtype=torch.int32)
+    out, _ = varlen_attention.attention(None, q, k, v, None, scaling=0.3, sliding_window=window, seq_bounds=cu,
+                                        seq_max=6)
+    flat = [x.transpose(1, 2).reshape(b * t, x.shape[1], d) for x in (q, k, v)]
+    ref = _reference(*flat, lengths, 0.3, window).view(b, t, h, d)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_without_bounds_is_an_error():
+    x = torch.zeros(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="seq_bounds"):
+        varlen_attention.attention(None, x, x, x, None)
+
+
+def test_collator_hands_over_every_sequences_bounds():
+    """One row for the micro-batch (longest first), the pad tail to a multiple of 8 a sequence of its own."""
+    coll = collate.PackCollator(0, bounds=True)
+    batch = coll([{"input_ids": [1] * n, "labels": [1] * n} for n in [6, 4, 3, 12, 5, 2]])
+    assert batch["input_ids"].shape == (1, 32)
+    assert batch["seq_bounds"].tolist() == [0, 12, 18, 23, 27, 30, 32] and batch["seq_max"] == 12
+    batch = coll([{"input_ids": [1] * n, "labels": [1] * n} for n in [6, 4, 3]])
+    assert batch["input_ids"].shape == (1, 16)
+    assert batch["seq_bounds"].tolist() == [0, 6, 10, 13, 16] and batch["seq_max"] == 6
+    assert batch["position_ids"][0].tolist() == list(range(6)) + list(range(4)) + list(range(3)) + list(range(3))
+
+
+def _packed_sums(model, feats, **kw):
+    coll = collate.PackCollator(0, bounds=True)
+    batch = coll(feats)
+    score = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    score[:, :-1] = batch["labels"][:, 1:] != collate.IGNORE
+    bounds = dict(seq_bounds=batch["seq_bounds"], seq_max=batch["seq_max"]) | kw
+    with torch.no_grad(), varlen_attention.training(model, True):
+        losses, _ = evaluate.token_nll(model, batch["input_ids"], None, score, batch["position_ids"], **bounds)
+    order = [i for r in coll.rows([len(f["input_ids"]) for f in feats]) for i in r]
+    sizes = [sum(x != collate.IGNORE for x in feats[i]["labels"]) for i in order]
+    sums = dict(zip(order, [c.sum().item() for c in losses.split(sizes)]))
+    return [sums[i] for i in range(len(feats))]
+
+
+def _tiny_gemma3(tmp_path):
+    """A two-layer Gemma 3 (a sliding-window layer with a window of 16, shorter than every sample record,
+    and a global one; its own attention scale), with the tiny model's tokenizer."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    tok = models.load_tokenizer(TINY)
+    cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=32,
+                           sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    Gemma3ForCausalLM(cfg).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_packed_row_keeps_every_examples_loss(tmp_path, arch):
+    """The whole micro-batch in one row: each example's summed NLL equals its value alone (the metric's
+    padded batches). Wrong bounds (two sequences merged) change it: the test can fail."""
+    path = TINY if arch == "llama" else _tiny_gemma3(tmp_path)
+    model, tok = models.load_model(path, "none"), models.load_tokenizer(path)
+    recs = data.load_split("data/sample", "train", limit=5)
+    feats, _, _ = collate.encode_examples(tok, recs, "course", 2048)
+    ref = evaluate.perplexities(model, tok, [prompts.build(r["instruction"]) for r in recs],
+                                [r["output"] for r in recs], progress=False)
+    assert _packed_sums(model, feats) == pytest.approx(ref.nll, rel=1e-5)
+    cu = collate.PackCollator(0, bounds=True)(feats)["seq_bounds"]
+    merged = torch.cat([cu[:1], cu[2:]])
+    assert _packed_sums(model, feats, seq_bounds=merged) != pytest.approx(ref.nll, rel=1e-4)
+    assert model.config._attn_implementation == "sdpa"  # switched back after the block
+
+
+def _trainer_step(p, feats, tok, tmp_path):
+    """One real training step (the Trainer's training_step: forward and backward) on a LoRA model whose B
+    is random (so every A has a gradient); the loss and the LoRA gradients."""
+    torch.manual_seed(0)
+    model = trainable.make_trainable(models.load_model(TINY, p.quantization, p.compute_dtype), p)
+    g = torch.Generator().manual_seed(1)
+    for name, w in model.named_parameters():
+        if "lora_B" in name:
+            w.data.copy_(torch.randn(w.shape, generator=g) * 0.1)
+    trainer = make_trainer(model, tok, feats, [], p, tmp_path, collate.collator(p, tok))
+    batch = collate.collator(p, tok)(feats)
+    answers = (batch["labels"][:, 1:] != collate.IGNORE).sum()  # what the Trainer counts for the step's mean
+    loss = trainer.training_step(model.train(), batch, num_items_in_batch=answers)
+    return loss.item(), {n: w.grad.clone() for n, w in model.named_parameters() if w.requires_grad}
+
+
+@pytest.mark.parametrize("compile_", [False, True])
+def test_training_step_equals_the_masked_one(tiny, tmp_path, compile_):
+    """The Trainer's step with varlen_attention gives the loss and LoRA gradients of packing under SDPA's
+    mask, with checkpointed layers (their backward recomputes the forward, which must attend the same
+    way), compiled or not. Run without the switch around the backward, the recompute attends across the
+    sequences and the gradients differ: the test can fail."""
+    _, _, tok = tiny
+    feats = collate.encode_examples(tok, data.load_split("data/sample", "train", limit=4), "course", 2048)[0]
+    base = params.TrainParams(model=TINY, quantization="none", compute_dtype="float32", packing=True,
+                              gradient_checkpointing=True, compile=compile_, eval_steps=1000, save_steps=0)
+    loss0, g0 = _trainer_step(base, feats, tok, tmp_path / "a")
+    calls, masked = [], varlen_attention._masked
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(varlen_attention, "_masked", lambda *a: calls.append(1) or masked(*a))
+        loss, g = _trainer_step(dataclasses.replace(base, varlen_attention=True), feats, tok, tmp_path / "b")
+    if not compile_:  # each of the 2 layers: its forward and its recompute in backward (compiled: traced once)
+        assert len(calls) == 4
+    assert loss == pytest.approx(loss0, rel=1e-5)
+    assert g.keys() == g0.keys() and all(g0[k].abs().sum() > 0 for k in g0)
+    for k in g0:
+        torch.testing.assert_close(g[k], g0[k], rtol=1e-4, atol=1e-5 * g0[k].abs().max().item())
+    if compile_:
+        return
+    with pytest.MonkeyPatch.context() as mp:  # the switch left before the backward
+        mp.setattr(varlen_attention, "training", _forward_only_switch)
+        _, bad = _trainer_step(dataclasses.replace(base, varlen_attention=True), feats, tok, tmp_path / "c")
+    assert max((bad[k] - g0[k]).abs().max() / g0[k].abs().max() for k in g0) > 1e-3
+
+
+@contextlib.contextmanager
+def _forward_only_switch(model, on):
+    """A wrong switch: NAME for the forward only (the answer loss's call), SDPA again for the backward."""
+    cfg = varlen_attention.config_of(model)
+    loss_call = evaluate.token_nll
+
+    def forward_only(*a, **kw):
+        cfg._attn_implementation = varlen_attention.NAME
+        try:
+            return loss_call(*a, **kw)
+        finally:
+            cfg._attn_implementation = "sdpa"
+
+    evaluate.token_nll = forward_only
+    try:
+        yield
+    finally:
+        evaluate.token_nll = loss_call
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(varlen_attention=True), "needs packing: true"),
+    (dict(varlen_attention=True, packing=True, pack_tokens=1024), "leave pack_tokens out"),
+])
+def test_varlen_params_refused(kw, match):
+    with pytest.raises(params.ParamsError, match=match):
+        params.TrainParams(**kw).check()
+
+
+def test_flash_path_is_chosen_only_where_it_runs():
+    """CPU or fp32: the masked path (the flash kernel takes CUDA half precision only)."""
+    assert not varlen_attention._flash_ok(torch.zeros(4, 2, 8, dtype=torch.bfloat16))
