@@ -14,7 +14,6 @@ Training switches the model's attention to this one for its steps (`training`), 
 recompute alike; evaluation and generation keep SDPA and their padding masks.
 """
 import contextlib
-import inspect
 
 import torch
 import torch.nn.functional as F
@@ -22,11 +21,11 @@ from transformers import AttentionInterface
 
 NAME = "cct_varlen"  # no mask function is registered under it: transformers then builds no mask at all
 
-try:
-    from torch.nn.attention.varlen import varlen_attn
-    _VARLEN_ARGS = inspect.signature(varlen_attn).parameters
-except ImportError:  # torch < 2.10: the mask path everywhere
-    varlen_attn, _VARLEN_ARGS = None, {}
+# torch's flash kernel taking each sequence's bounds; its autograd formula is aten's own (C++). torch's
+# public varlen_attn wraps the same kernel in a Python custom op: measured on an H100, that Python cost
+# ~0.5 ms of host time per layer and step (forward + backward), which a host-bound step pays in full
+_FLASH = getattr(torch.ops.aten, "_flash_attention_forward", None)
+_WINDOWED = _FLASH is not None and "window_size_left" in str(_FLASH.default._schema)  # torch >= 2.10
 
 
 def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
@@ -51,27 +50,16 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
 def _flash_ok(q) -> bool:
     """torch's flash kernel: CUDA, half precision, head size up to 256 in steps of 8."""
     d = q.shape[-1]
-    return varlen_attn is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and d <= 256 \
-        and d % 8 == 0
+    return _WINDOWED and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and d <= 256 and d % 8 == 0
 
 
 def _flash(q, k, v, cu, longest, scale, window):
-    kw = {}
+    """Causal attention within each sequence (keys fewer than `window` back); the kernel takes GQA as is."""
     left = window - 1 if window is not None else -1  # transformers' window: keys less than `window` back
-    if "window_size" in _VARLEN_ARGS:
-        kw["window_size"] = (left, 0)  # (left, 0) is causal
-    elif left == -1:
-        kw["is_causal"] = True  # torch 2.10 spelled causal this way and had no window
-    else:
-        raise ValueError("varlen_attention with a sliding window needs torch >= 2.11")
-    if "scale" in _VARLEN_ARGS:
-        kw["scale"] = scale
-    else:
-        q = q * (scale * q.shape[-1] ** 0.5)  # the kernel's own scale is 1/sqrt(D)
-    if "enable_gqa" in _VARLEN_ARGS and k.shape[1] != q.shape[1]:
-        kw["enable_gqa"] = True
     cu = cu.to(device=q.device, dtype=torch.int32)
-    return varlen_attn(q, k, v, cu, cu, longest, longest, **kw)
+    # as torch's varlen_attn calls it: causal is the window (-1, 0); a sliding window is (left, 0)
+    return _FLASH(q, k, v, cu, cu, longest, longest, 0.0, left == -1, False, scale=scale, window_size_left=left,
+                  window_size_right=0)[0]
 
 
 def _masked(q, k, v, cu, scale, window):
