@@ -160,8 +160,8 @@ class SpeedParams:
     compile: bool = False  # torch.compile each decoder layer
     compile_mode: str = "default"  # torch.compile's mode for the layers (max-autotune-no-cudagraphs: tuned matmuls)
     # the compiled layers launch their kernels from generated C++ instead of Python: less host time a kernel
-    # for steps bound by the host (qwen2.5-coder-1.5b on an H100: 1.45x; the 7B: 1.00x). Its compile builds
-    # C++ (on a CPU several times longer; on the H100 no longer)
+    # for steps bound by the host (qwen2.5-coder-1.5b on an H100: 1.45x; the 7B: 1.00x, 1.09x with
+    # varlen_attention). Its compile builds C++ (on a CPU several times longer; on the H100 no longer)
     cpp_wrapper: bool = False
     lean_nf4: bool = False  # 4-bit layers without bitsandbytes' Python wrappers (lib/nf4.py): same products
     # the LoRA projections that read the same input (q/k/v, gate/up) computed as one group in training: one base
