@@ -150,6 +150,23 @@ def test_training_step_equals_the_masked_one(tiny, tmp_path, compile_):
     assert max((bad[k] - g0[k]).abs().max() / g0[k].abs().max() for k in g0) > 1e-3
 
 
+def test_training_step_with_the_models_own_loss(tiny, tmp_path):
+    """answer_loss: false (the model's own loss over full logits): the bounds reach the attention through
+    the model's forward as well, and the step is the masked one."""
+    _, _, tok = tiny
+    feats = collate.encode_examples(tok, data.load_split("data/sample", "train", limit=4), "course", 2048)[0]
+    base = params.TrainParams(model=TINY, quantization="none", compute_dtype="float32", packing=True,
+                              answer_loss=False, eval_steps=1000, save_steps=0)
+    loss0, g0 = _trainer_step(base, feats, tok, tmp_path / "a")
+    calls, masked = [], varlen_attention._masked
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(varlen_attention, "_masked", lambda *a: calls.append(1) or masked(*a))
+        loss, g = _trainer_step(dataclasses.replace(base, varlen_attention=True), feats, tok, tmp_path / "b")
+    assert len(calls) == 4 and loss == pytest.approx(loss0, rel=1e-5)
+    for k in g0:
+        torch.testing.assert_close(g[k], g0[k], rtol=1e-4, atol=1e-5 * g0[k].abs().max().item())
+
+
 @contextlib.contextmanager
 def _forward_only_switch(model, on):
     """A wrong switch: NAME for the forward only (the answer loss's call), SDPA again for the backward."""
