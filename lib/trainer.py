@@ -5,6 +5,7 @@ import functools
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -282,6 +283,10 @@ def make_trainer(model, tok, feats, eval_records, p, out: Path, collator) -> Tra
 def configure(trainer, p):
     """The recipe's settings a Trainer cannot take as arguments (also for benchmarks/train_speed.py)."""
     trainer.head_loss = p.head_loss  # used by AnswerLossTrainer only
+    if p.varlen_attention and not (trainer.args.device.type == "cuda" and p.compute_dtype != "float32"):
+        warnings.warn("varlen_attention runs the flash kernel on a CUDA GPU in bf16/fp16 only; here it attends "
+                      "through a mask over the micro-batch's whole row (the same numbers, slower than packing "
+                      "alone): turn it off", stacklevel=2)
     if p.ddp_lean:
         if trainer.accelerator.ddp_handler is not None:
             # HF's arguments have no gradient_as_bucket_view; accelerate reads the handler when train() wraps

@@ -1,6 +1,7 @@
 """varlen_attention: packed sequences attend by their bounds, each as if alone."""
 import contextlib
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -114,7 +115,11 @@ def _trainer_step(p, feats, tok, tmp_path):
     for name, w in model.named_parameters():
         if "lora_B" in name:
             w.data.copy_(torch.randn(w.shape, generator=g) * 0.1)
-    trainer = make_trainer(model, tok, feats, [], p, tmp_path, collate.collator(p, tok))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = make_trainer(model, tok, feats, [], p, tmp_path, collate.collator(p, tok))
+    slow = p.varlen_attention and (not torch.cuda.is_available() or p.compute_dtype == "float32")
+    assert any("flash kernel" in str(w.message) for w in caught) == slow  # the CPU/fp32 path says it is slow
     batch = collate.collator(p, tok)(feats)
     answers = (batch["labels"][:, 1:] != collate.IGNORE).sum()  # what the Trainer counts for the step's mean
     loss = trainer.training_step(model.train(), batch, num_items_in_batch=answers)
