@@ -69,7 +69,78 @@ def profile_summary(clock) -> dict:
             "gpu_ms_by_kind": {k: round(v, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
             "top_kernels": top(kernels), "top": top(ops),
             "host_self_ms": by("self_cpu_time_total"), "host_total_ms": by("cpu_time_total")} | (
-                {"waits": waits(clock.prof, n)} if clock.stacks else {})
+                {"waits": waits(clock.prof, n)} if clock.stacks else {}) | {"idle": _idle(clock.prof, n)}
+
+
+def _idle(prof, n: int) -> dict:
+    """idle_gaps of a finished torch.profiler window (its chrome trace, written to a temporary file)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        prof.export_chrome_trace(f"{d}/trace.json")
+        return idle_gaps(json.loads(Path(f"{d}/trace.json").read_text()), n)
+
+
+GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy", "cudaMemcpyAsync")
+
+
+def idle_gaps(trace, n: int, min_us: float = 20.0, top: int = 12, reach: int = 20000) -> dict:
+    """Where the GPU waited, from a profiler's chrome trace (its dict) of n steps.
+
+    Every gap between one GPU activity's end and the next one's start is idle time. A gap longer than
+    min_us is put on the host: the op that launched the kernel ending it (innermost, and outermost: a
+    Trainer phase or an autograd node), and whether the launch came after the GPU had run dry (the host
+    was late) or before (the kernel waited on something else, a copy or another stream). Shorter gaps are
+    summed apart: the GPU's own turnaround between queued kernels. Host calls that block until the GPU
+    catches up (SYNCS) are listed with their op: each one lets the queue run empty."""
+    ev = trace["traceEvents"] if isinstance(trace, dict) else trace
+    gpu = sorted((e for e in ev if e.get("cat") in GPU_CATS and e.get("ph") == "X"), key=lambda e: e["ts"])
+    if not gpu:
+        return {}
+    launch = {e["args"]["correlation"]: e for e in ev
+              if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    ops = {}
+    for e in sorted((e for e in ev if e.get("cat") == "cpu_op" and e.get("ph") == "X"), key=lambda e: e["ts"]):
+        ops.setdefault(e["tid"], []).append(e)
+    starts = {tid: [e["ts"] for e in es] for tid, es in ops.items()}
+
+    def around(tid, t):
+        """The ops of thread tid running at time t, outermost first."""
+        import bisect
+
+        es, i = ops.get(tid, []), bisect.bisect_right(starts.get(tid, []), t)
+        return [e for e in reversed(es[max(0, i - reach):i]) if e["ts"] + e["dur"] >= t][::-1]
+
+    inner, outer, late = {}, {}, [0.0, 0.0]
+    end, small, big = gpu[0]["ts"] + gpu[0]["dur"], 0.0, 0.0
+    for e in gpu[1:]:
+        gap = e["ts"] - end
+        if gap > min_us:
+            big += gap
+            at = launch.get(e.get("args", {}).get("correlation"))
+            host = around(at["tid"], at["ts"]) if at else []
+            for table, op in ((inner, host[-1] if host else None), (outer, host[0] if host else None)):
+                name = op["name"][:70] if op else ("(no host op)" if at else "(launch not in the trace)")
+                row = table.setdefault(name, [0.0, 0])
+                row[0], row[1] = row[0] + gap, row[1] + 1
+            late[at is not None and at["ts"] > end] += gap
+        elif gap > 0:
+            small += gap
+        end = max(end, e["ts"] + e["dur"])
+    blocked = {}
+    for e in ev:
+        if e.get("cat") == "cuda_runtime" and e.get("name") in SYNCS and e.get("dur", 0) > min_us:
+            host = around(e["tid"], e["ts"])
+            key = f"{e['name']} in {host[-1]['name'][:60] if host else '?'}"
+            row = blocked.setdefault(key, [0.0, 0])
+            row[0], row[1] = row[0] + e["dur"], row[1] + 1
+    ms = lambda us: round(us / 1000 / n, 3)
+    rank = lambda t: [(k, ms(v[0]), round(v[1] / n, 2)) for k, v in sorted(t.items(), key=lambda kv: -kv[1][0])[:top]]
+    return {"gpu_span_ms_per_step": ms(end - gpu[0]["ts"]), "idle_ms_per_step": ms(small + big),
+            f"in_gaps_over_{min_us:g}us_ms": ms(big), "between_queued_kernels_ms": ms(small),
+            "host_late_ms": ms(late[True]), "launched_early_ms": ms(late[False]),
+            "by_launching_op": rank(inner), "by_outer_op": rank(outer), "host_blocked": rank(blocked)}
 
 
 # host ops that block until the GPU catches up (or that a data-parallel rank's Python makes per tensor)

@@ -609,3 +609,28 @@ def test_kernel_kinds_of_real_kernel_names(name, kind):
     from gpu_meter import kernel_kind
 
     assert kernel_kind(name) == kind
+
+
+def test_idle_gaps_put_each_wait_on_the_host_op_that_ended_it():
+    """A hand-made trace: kernel 1 runs 5-55 us; the optimizer launches kernel 2 at 120 us (the GPU idle
+    70 us, the host late by 65); kernel 3, queued at 130, starts 5 us after kernel 2 ends (a small gap);
+    aten::item blocks 40 us in a stream sync."""
+    from gpu_meter import idle_gaps
+
+    op = lambda name, ts, dur: {"ph": "X", "cat": "cpu_op", "name": name, "ts": ts, "dur": dur, "tid": 1}
+    run = lambda name, ts, corr, dur=1: {"ph": "X", "cat": "cuda_runtime", "name": name, "ts": ts, "dur": dur,
+                                         "tid": 1, "args": {"correlation": corr}}
+    kern = lambda ts, dur, corr: {"ph": "X", "cat": "kernel", "name": "k", "ts": ts, "dur": dur, "tid": 7,
+                                  "args": {"correlation": corr}}
+    trace = {"traceEvents": [
+        op("aten::mm", 0, 10), run("cudaLaunchKernel", 1, 1), kern(5, 50, 1),
+        op("aten::item", 58, 45), run("cudaStreamSynchronize", 60, 99, dur=40),
+        op("Optimizer.step", 100, 50), op("aten::_fused_adamw_", 110, 20), run("cudaLaunchKernel", 120, 2),
+        kern(125, 10, 2), op("aten::add", 128, 5), run("cudaLaunchKernel", 130, 3), kern(140, 10, 3)]}
+    got = idle_gaps(trace, n=1)
+    assert got["idle_ms_per_step"] == 0.075 and got["in_gaps_over_20us_ms"] == 0.07
+    assert got["between_queued_kernels_ms"] == 0.005 and got["gpu_span_ms_per_step"] == 0.145
+    assert got["host_late_ms"] == 0.07 and got["launched_early_ms"] == 0.0
+    assert got["by_launching_op"] == [("aten::_fused_adamw_", 0.07, 1.0)]
+    assert got["by_outer_op"] == [("Optimizer.step", 0.07, 1.0)]
+    assert got["host_blocked"] == [("cudaStreamSynchronize in aten::item", 0.04, 1.0)]
