@@ -160,6 +160,20 @@ def test_fused_projections_two_processes_are_the_one_process_run(tmp_path):
     assert c1.eval_ppl.to_numpy() == pytest.approx(pd.read_csv(plain / "curve.csv").eval_ppl.to_numpy(), rel=5e-3)
 
 
+def test_varlen_attention_two_processes_are_the_one_process_run(tmp_path):
+    """varlen_attention under DDP (each rank's batch carries its own bounds through DDP's forward, the
+    switch is made on the unwrapped model): 2 processes train the 1-process run's losses, gradient norms
+    and curve; and that run is the masked packing run's to bf16 rounding (its evaluations, in SDPA, too)."""
+    plain = launch.run(_cfg(tmp_path, 1), tmp_path / "plain", 1, cpu=True)
+    one = launch.run(_cfg(tmp_path, 1, varlen_attention=True), tmp_path / "one", 1, cpu=True)
+    two = launch.run(_cfg(tmp_path, 2, varlen_attention=True), tmp_path / "two", 2, cpu=True)
+    assert _log(two) == pytest.approx(_log(one), rel=1e-5)
+    c1, c2 = pd.read_csv(one / "curve.csv"), pd.read_csv(two / "curve.csv")
+    assert c2.eval_ppl.to_numpy() == pytest.approx(c1.eval_ppl.to_numpy(), rel=1e-5)
+    assert _log(one) == pytest.approx(_log(plain), rel=5e-3)
+    assert c1.eval_ppl.to_numpy() == pytest.approx(pd.read_csv(plain / "curve.csv").eval_ppl.to_numpy(), rel=5e-3)
+
+
 def test_lean_ddp_keeps_each_compiled_layer_one_graph(tmp_path):
     """Under DDP, dynamo cut a compiled layer holding more than 1 MB of trainable weights into two graphs
     (DDPOptimizer's first bucket; qwen2.5-1.5B's LoRA is ~10 MB a layer); ddp_lean keeps it one graph,
