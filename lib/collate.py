@@ -54,13 +54,15 @@ class PackCollator:
     carry label IGNORE.
     """
 
-    def __init__(self, pad_id=0, row_tokens=512, multiple=8, bounds=False):
+    def __init__(self, pad_id=0, row_tokens=512, multiple=8, bounds=False, answers=False):
         # widths rounded up to a multiple of 8: a compiled model specializes on width % 8 and would
         # otherwise recompile (tens of seconds each) whenever a batch's width changes that remainder
         self.pad_id, self.row_tokens, self.multiple = pad_id, row_tokens, multiple
         # bounds (varlen_attention): the sequences' boundaries go with the batch, attention costs what each
         # sequence costs alone whatever the row, so the whole micro-batch is one row (no row padding)
-        self.bounds = bounds
+        # answers (with the answer-only loss): the flat positions that predict an answer token, found here on
+        # the CPU, so the loss gathers them without a host-GPU sync (evaluate.token_nll's index)
+        self.bounds, self.answers = bounds, answers
         if bounds:
             self.row_tokens = float("inf")
 
@@ -96,6 +98,10 @@ class PackCollator:
         out = {"input_ids": ids, "labels": labels, "position_ids": pos}
         if self.bounds:
             out.update(self.boundaries(feats, rows, width))
+        if self.answers:
+            score = torch.zeros_like(labels, dtype=torch.bool)
+            score[:, :-1] = labels[:, 1:] != IGNORE  # position t predicts label t+1
+            out["answer_index"] = score.flatten().nonzero().squeeze(1)
         return out
 
     @staticmethod
@@ -115,4 +121,4 @@ def collator(p, tok):
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     if not p.packing:
         return PadCollator(pad)
-    return PackCollator(pad, p.pack_tokens, bounds=p.varlen_attention)
+    return PackCollator(pad, p.pack_tokens, bounds=p.varlen_attention, answers=p.varlen_attention and p.answer_loss)

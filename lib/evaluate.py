@@ -69,7 +69,7 @@ def _parts(model):
     return base.get_decoder(), base.get_output_embeddings(), getattr(base.config, "final_logit_softcapping", None)
 
 
-def token_nll(model, ids, attn, score, position_ids=None, head_loss="chunked", **attention_kw):
+def token_nll(model, ids, attn, score, position_ids=None, head_loss="chunked", index=None, **attention_kw):
     """NLL of each scored next token: position t (score[b, t] True) predicting ids[b, t+1].
 
     Returns (losses [N], row index of each [N]). Runs the decoder, then the LM head only on scored
@@ -78,13 +78,21 @@ def token_nll(model, ids, attn, score, position_ids=None, head_loss="chunked", *
     Packed rows pass attn=None and position_ids restarting at 0 for each sequence (transformers then
     builds a block-diagonal causal mask), or, in training with varlen_attention, also the sequences' bounds
     in attention_kw (seq_bounds, seq_max: lib.varlen_attention). head_loss: chunked_loss.HEAD_LOSSES' key.
+    index: the flat (row-major) positions of score's True entries, where the caller has them (the varlen
+    collator, from the labels on the CPU): gathering by them needs no host-GPU sync, while boolean indexing
+    waits for the whole forward, so the host cannot queue the backward meanwhile. Then score is not read
+    and the rows are not returned (None).
     """
     decoder, head, cap = _parts(model)
     hidden = decoder(input_ids=ids, attention_mask=attn, position_ids=position_ids, use_cache=False,
                      **attention_kw).last_hidden_state
-    targets = ids[:, 1:][score[:, :-1]]
-    losses = HEAD_LOSSES[head_loss](hidden[score], head.weight, targets, cap, head.bias)  # no full logits
-    return losses, score.nonzero()[:, 0]
+    if index is None:
+        targets = ids[:, 1:][score[:, :-1]]
+        losses = HEAD_LOSSES[head_loss](hidden[score], head.weight, targets, cap, head.bias)  # no full logits
+        return losses, score.nonzero()[:, 0]
+    targets = ids.flatten().index_select(0, index + 1)  # t + 1 stays in t's row: the last column is never scored
+    losses = HEAD_LOSSES[head_loss](hidden.flatten(0, 1).index_select(0, index), head.weight, targets, cap, head.bias)
+    return losses, None
 
 
 def _batch_nll(model, encs, pad_id, dev):

@@ -136,14 +136,18 @@ class CurveCallback(TrainerCallback):
 
 
 def answer_loss(model, input_ids, labels, attention_mask=None, position_ids=None, num_items_in_batch=None,
-                bf16=False, head_loss="chunked", **attention_kw):
-    """Mean NLL of the answer tokens (labels != IGNORE), the LM head run on those positions only."""
-    score = torch.zeros_like(labels, dtype=torch.bool)
-    score[:, :-1] = labels[:, 1:] != IGNORE  # position t predicts label t+1
+                bf16=False, head_loss="chunked", answer_index=None, **attention_kw):
+    """Mean NLL of the answer tokens (labels != IGNORE), the LM head run on those positions only.
+    answer_index: their flat positions from the collator (varlen_attention), which spares a host-GPU sync."""
+    score = None
+    if answer_index is None:
+        score = torch.zeros_like(labels, dtype=torch.bool)
+        score[:, :-1] = labels[:, 1:] != IGNORE  # position t predicts label t+1
     # accelerate puts bf16 autocast around model.forward; this path calls the decoder directly, so it must
     # do the same, or the LoRA matmuls run in fp32 with a cast around every one of them
     with torch.autocast(labels.device.type, dtype=torch.bfloat16, enabled=bf16):
-        losses, _ = evaluate.token_nll(model, input_ids, attention_mask, score, position_ids, head_loss, **attention_kw)
+        losses, _ = evaluate.token_nll(model, input_ids, attention_mask, score, position_ids, head_loss,
+                                       index=answer_index, **attention_kw)
     # a sum over the items of all accumulated micro-batches, as HF does: exact token mean per step
     return losses.sum() / (num_items_in_batch if num_items_in_batch is not None else losses.numel())
 

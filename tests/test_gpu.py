@@ -175,3 +175,33 @@ def test_varlen_training_step_on_gpu(tmp_path, compile_):
     assert loss == pytest.approx(loss0, rel=1e-2)
     for n in g0:
         torch.testing.assert_close(g[n], g0[n], rtol=5e-2, atol=2e-2 * g0[n].abs().max().item())
+
+
+def test_varlen_answer_loss_never_waits_for_the_gpu():
+    """With varlen_attention and the collator's answer positions, a training micro-batch's forward and
+    backward (bf16 LoRA, eager) make no host-GPU sync, so the host can queue the backward while the GPU
+    still runs the forward; the boolean-mask loss syncs (the test can fail)."""
+    from lib import collate, params, trainable
+    from lib import varlen_attention as va
+    from lib.trainer import answer_loss
+
+    tok = models.load_tokenizer(TINY)
+    feats = collate.encode_examples(tok, data.load_split("data/sample", "train", limit=4), "course", 2048)[0]
+    p = params.TrainParams(model=TINY, quantization="none", compute_dtype="bfloat16", packing=True,
+                           varlen_attention=True, gradient_checkpointing=False)
+    model = trainable.make_trainable(models.load_model(TINY, "none", "bfloat16", "cuda"), p).train()
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in collate.collator(p, tok)(feats).items()}
+
+    def step(b):
+        with va.training(model, True):
+            answer_loss(model, **b, bf16=True).backward()
+
+    step(batch)  # first calls may set things up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(batch)
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            step({k: v for k, v in batch.items() if k != "answer_index"})
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

@@ -59,6 +59,31 @@ def test_collator_hands_over_every_sequences_bounds():
     assert batch["position_ids"][0].tolist() == list(range(6)) + list(range(4)) + list(range(3)) + list(range(3))
 
 
+def test_collator_hands_over_the_answer_positions():
+    """With the answer-only loss: the flat positions whose next label is an answer token (never a
+    sequence's last position, whose next token is the next sequence's prompt)."""
+    feats = [{"input_ids": [1] * 6, "labels": [-100] * 3 + [5] * 3}, {"input_ids": [1] * 4, "labels": [-100] * 2 + [7] * 2},
+             {"input_ids": [1] * 3, "labels": [-100, 9, 9]}]
+    batch = collate.PackCollator(0, bounds=True, answers=True)(feats)
+    assert batch["answer_index"].tolist() == [2, 3, 4, 7, 8, 10, 11]
+    assert "answer_index" not in collate.PackCollator(0, bounds=True)(feats)
+
+
+def test_loss_by_answer_positions_is_the_masked_one(tiny):
+    """token_nll gathering by the collator's flat positions gives the boolean mask's losses, bit for bit,
+    in the same order."""
+    model, _, tok = tiny
+    feats = collate.encode_examples(tok, data.load_split("data/sample", "train", limit=4), "course", 2048)[0]
+    batch = collate.PackCollator(tok.pad_token_id, bounds=True, answers=True)(feats)
+    score = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    score[:, :-1] = batch["labels"][:, 1:] != collate.IGNORE
+    with torch.no_grad():
+        masked, rows = evaluate.token_nll(model, batch["input_ids"], None, score, batch["position_ids"])
+        indexed, none = evaluate.token_nll(model, batch["input_ids"], None, None, batch["position_ids"],
+                                           index=batch["answer_index"])
+    assert torch.equal(indexed, masked) and none is None and len(rows) == len(masked) > 0
+
+
 def _packed_sums(model, feats, **kw):
     coll = collate.PackCollator(0, bounds=True)
     batch = coll(feats)
