@@ -1,6 +1,7 @@
 """What the GPU did during a timed run (train_speed.py): its bf16 matmul rate measured now (the MFU
 denominator), a model's FLOPs per trained token, a py-spy recording of the host's stacks, and a
 profiler window summarized by kind of kernel."""
+import bisect
 import json
 import re
 import subprocess
@@ -107,12 +108,10 @@ def idle_gaps(trace, n: int, min_us: float = 20.0, top: int = 12, reach: int = 2
 
     def around(tid, t):
         """The ops of thread tid running at time t, outermost first."""
-        import bisect
-
         es, i = ops.get(tid, []), bisect.bisect_right(starts.get(tid, []), t)
         return [e for e in reversed(es[max(0, i - reach):i]) if e["ts"] + e["dur"] >= t][::-1]
 
-    inner, outer, late = {}, {}, [0.0, 0.0]
+    inner, outer, late, early = {}, {}, 0.0, 0.0
     end, small, big = gpu[0]["ts"] + gpu[0]["dur"], 0.0, 0.0
     for e in gpu[1:]:
         gap = e["ts"] - end
@@ -124,7 +123,10 @@ def idle_gaps(trace, n: int, min_us: float = 20.0, top: int = 12, reach: int = 2
                 name = op["name"][:70] if op else ("(no host op)" if at else "(launch not in the trace)")
                 row = table.setdefault(name, [0.0, 0])
                 row[0], row[1] = row[0] + gap, row[1] + 1
-            late[at is not None and at["ts"] > end] += gap
+            if at is not None and at["ts"] > end:  # launched after the GPU ran dry
+                late += gap
+            else:
+                early += gap
         elif gap > 0:
             small += gap
         end = max(end, e["ts"] + e["dur"])
@@ -139,7 +141,7 @@ def idle_gaps(trace, n: int, min_us: float = 20.0, top: int = 12, reach: int = 2
     rank = lambda t: [(k, ms(v[0]), round(v[1] / n, 2)) for k, v in sorted(t.items(), key=lambda kv: -kv[1][0])[:top]]
     return {"gpu_span_ms_per_step": ms(end - gpu[0]["ts"]), "idle_ms_per_step": ms(small + big),
             f"in_gaps_over_{min_us:g}us_ms": ms(big), "between_queued_kernels_ms": ms(small),
-            "host_late_ms": ms(late[True]), "launched_early_ms": ms(late[False]),
+            "host_late_ms": ms(late), "launched_early_ms": ms(early),
             "by_launching_op": rank(inner), "by_outer_op": rank(outer), "host_blocked": rank(blocked)}
 
 

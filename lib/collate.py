@@ -25,6 +25,13 @@ def encode_examples(tok, records, template, max_length) -> tuple[list[dict], int
     return feats, cut, skipped
 
 
+def scored(labels):
+    """The positions that predict an answer token: position t predicts label t+1 (the last never does)."""
+    score = torch.zeros_like(labels, dtype=torch.bool)
+    score[:, :-1] = labels[:, 1:] != IGNORE
+    return score
+
+
 class PadCollator:
     """Right-pads a batch; pads get attention 0 and label IGNORE."""
 
@@ -97,24 +104,19 @@ class PackCollator:
             pos[k, at:] = torch.arange(width - at)  # the pad tail as one more (unscored) sequence
         out = {"input_ids": ids, "labels": labels, "position_ids": pos}
         if self.bounds:
-            out.update(self.boundaries(feats, rows, width))
+            out.update(boundaries(pos))
         if self.answers:
-            score = torch.zeros_like(labels, dtype=torch.bool)
-            score[:, :-1] = labels[:, 1:] != IGNORE  # position t predicts label t+1
-            out["answer_index"] = score.flatten().nonzero().squeeze(1)
+            out["answer_index"] = scored(labels).flatten().nonzero().squeeze(1)
         return out
 
-    @staticmethod
-    def boundaries(feats, rows, width):
-        """seq_bounds/seq_max for lib.varlen_attention: every sequence of the flattened rows, pad tails too."""
-        lengths = []
-        for r in rows:
-            lengths += [len(feats[i]["input_ids"]) for i in r]
-            tail = width - sum(len(feats[i]["input_ids"]) for i in r)
-            lengths += [tail] if tail else []
-        cumulative = torch.zeros(len(lengths) + 1, dtype=torch.int32)  # int32: as the flash kernel takes them
-        cumulative[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
-        return {"seq_bounds": cumulative, "seq_max": max(lengths)}
+
+def boundaries(position_ids):
+    """seq_bounds/seq_max for lib.varlen_attention: a sequence starts wherever the positions restart at 0
+    (pad tails included), over the rows laid end to end; int32, as the flash kernel takes them."""
+    flat = position_ids.flatten()
+    starts = (flat == 0).nonzero().squeeze(1)
+    bounds = torch.cat([starts, torch.tensor([len(flat)])]).to(torch.int32)
+    return {"seq_bounds": bounds, "seq_max": int(bounds.diff().max())}
 
 
 def collator(p, tok):

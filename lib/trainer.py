@@ -15,8 +15,7 @@ from accelerate.utils import DistributedDataParallelKwargs
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_pt_utils import BatchRebalanceSampler
 
-from . import evaluate, prompts, speedups, varlen_attention
-from .collate import IGNORE
+from . import collate, evaluate, prompts, speedups, varlen_attention
 from .launch import per_process_accum
 from .models import device_for
 from .sampler import PackedRebalanceSampler
@@ -139,10 +138,7 @@ def answer_loss(model, input_ids, labels, attention_mask=None, position_ids=None
                 bf16=False, head_loss="chunked", answer_index=None, **attention_kw):
     """Mean NLL of the answer tokens (labels != IGNORE), the LM head run on those positions only.
     answer_index: their flat positions from the collator (varlen_attention), which spares a host-GPU sync."""
-    score = None
-    if answer_index is None:
-        score = torch.zeros_like(labels, dtype=torch.bool)
-        score[:, :-1] = labels[:, 1:] != IGNORE  # position t predicts label t+1
+    score = collate.scored(labels) if answer_index is None else None
     # accelerate puts bf16 autocast around model.forward; this path calls the decoder directly, so it must
     # do the same, or the LoRA matmuls run in fp32 with a cast around every one of them
     with torch.autocast(labels.device.type, dtype=torch.bfloat16, enabled=bf16):

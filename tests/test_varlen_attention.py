@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lib import collate, data, evaluate, models, params, prompts, trainable, varlen_attention
-from lib.trainer import answer_loss, make_trainer
+from lib.trainer import make_trainer
 from tests.tiny_model import TINY
 
 
@@ -151,29 +151,36 @@ def _trainer_step(p, feats, tok, tmp_path):
     return loss.item(), {n: w.grad.clone() for n, w in model.named_parameters() if w.requires_grad}
 
 
+def varlen_same_step(base, tok, tmp_path, kernel="_masked", rel=1e-5, rtol=1e-4, atol=1e-5):
+    """The Trainer's step on 4 sample records with masked packing (base) and with varlen_attention: the
+    same loss (to rel) and LoRA gradients (to rtol, and atol of each gradient's largest entry). Returns how
+    often varlen_attention's `kernel` (_masked, _flash) ran, the masked step's gradients and the records."""
+    feats = collate.encode_examples(tok, data.load_split("data/sample", "train", limit=4), "course", 2048)[0]
+    loss0, g0 = _trainer_step(base, feats, tok, tmp_path / "a")
+    calls, run = [], getattr(varlen_attention, kernel)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(varlen_attention, kernel, lambda *a: calls.append(1) or run(*a))
+        loss, g = _trainer_step(dataclasses.replace(base, varlen_attention=True), feats, tok, tmp_path / "b")
+    assert loss == pytest.approx(loss0, rel=rel)
+    assert g.keys() == g0.keys() and all(g0[k].abs().sum() > 0 for k in g0)  # every A and B has a gradient
+    for k in g0:
+        torch.testing.assert_close(g[k], g0[k], rtol=rtol, atol=atol * g0[k].abs().max().item())
+    return len(calls), g0, feats
+
+
 @pytest.mark.parametrize("compile_", [False, True])
 def test_training_step_equals_the_masked_one(tiny, tmp_path, compile_):
     """The Trainer's step with varlen_attention gives the loss and LoRA gradients of packing under SDPA's
     mask, with checkpointed layers (their backward recomputes the forward, which must attend the same
     way), compiled or not. Run without the switch around the backward, the recompute attends across the
     sequences and the gradients differ: the test can fail."""
-    _, _, tok = tiny
-    feats = collate.encode_examples(tok, data.load_split("data/sample", "train", limit=4), "course", 2048)[0]
+    tok = tiny[2]
     base = params.TrainParams(model=TINY, quantization="none", compute_dtype="float32", packing=True,
                               gradient_checkpointing=True, compile=compile_, eval_steps=1000, save_steps=0)
-    loss0, g0 = _trainer_step(base, feats, tok, tmp_path / "a")
-    calls, masked = [], varlen_attention._masked
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(varlen_attention, "_masked", lambda *a: calls.append(1) or masked(*a))
-        loss, g = _trainer_step(dataclasses.replace(base, varlen_attention=True), feats, tok, tmp_path / "b")
-    if not compile_:  # each of the 2 layers: its forward and its recompute in backward (compiled: traced once)
-        assert len(calls) == 4
-    assert loss == pytest.approx(loss0, rel=1e-5)
-    assert g.keys() == g0.keys() and all(g0[k].abs().sum() > 0 for k in g0)
-    for k in g0:
-        torch.testing.assert_close(g[k], g0[k], rtol=1e-4, atol=1e-5 * g0[k].abs().max().item())
-    if compile_:
+    calls, g0, feats = varlen_same_step(base, tok, tmp_path)
+    if compile_:  # traced, not called, once compiled
         return
+    assert calls == 4  # each of the 2 layers: its forward and its recompute in backward
     with pytest.MonkeyPatch.context() as mp:  # the switch left before the backward
         mp.setattr(varlen_attention, "training", _forward_only_switch)
         _, bad = _trainer_step(dataclasses.replace(base, varlen_attention=True), feats, tok, tmp_path / "c")
@@ -183,18 +190,9 @@ def test_training_step_equals_the_masked_one(tiny, tmp_path, compile_):
 def test_training_step_with_the_models_own_loss(tiny, tmp_path):
     """answer_loss: false (the model's own loss over full logits): the bounds reach the attention through
     the model's forward as well, and the step is the masked one."""
-    _, _, tok = tiny
-    feats = collate.encode_examples(tok, data.load_split("data/sample", "train", limit=4), "course", 2048)[0]
     base = params.TrainParams(model=TINY, quantization="none", compute_dtype="float32", packing=True,
                               answer_loss=False, eval_steps=1000, save_steps=0)
-    loss0, g0 = _trainer_step(base, feats, tok, tmp_path / "a")
-    calls, masked = [], varlen_attention._masked
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(varlen_attention, "_masked", lambda *a: calls.append(1) or masked(*a))
-        loss, g = _trainer_step(dataclasses.replace(base, varlen_attention=True), feats, tok, tmp_path / "b")
-    assert len(calls) == 4 and loss == pytest.approx(loss0, rel=1e-5)
-    for k in g0:
-        torch.testing.assert_close(g[k], g0[k], rtol=1e-4, atol=1e-5 * g0[k].abs().max().item())
+    assert varlen_same_step(base, tiny[2], tmp_path)[0] == 4
 
 
 @contextlib.contextmanager
