@@ -167,6 +167,39 @@ class Clock(TrainerCallback):
             self.prof.__exit__(None, None, None)
 
 
+class StepLosses(TrainerCallback):
+    """Every optimizer step's training loss as the Trainer would log it (the sum of its micro-batches'
+    losses; the mean over processes), kept on the GPU and read once after training. Logging every step
+    instead (logging_steps 1, until 2026-11-27) made the host wait for the GPU at every step (the log's
+    .item()), which the recipes' runs, logging every 10-25 steps, don't: it timed a sync they don't have."""
+
+    def __init__(self, trainer):
+        self.micro, self.steps = [], []
+        inner = trainer.training_step  # the trainer's own (unsloth's patched one too): wrapped on this instance
+
+        def training_step(*args, **kw):
+            loss = inner(*args, **kw)
+            self.micro.append(loss.detach())
+            return loss
+
+        trainer.training_step = training_step
+        trainer.add_callback(self)
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.micro:
+            self.steps.append(torch.stack(self.micro).sum())
+        self.micro = []
+
+    def values(self) -> list[float]:
+        import torch.distributed as dist
+
+        t = torch.stack(self.steps).float()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(t)
+            t /= dist.get_world_size()
+        return [round(x, 4) for x in t.tolist()]
+
+
 def random_model(config: str, folder: str | Path) -> Path:
     """Random weights of an architecture, made on the GPU and saved once in bf16 for the NF4 loader."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -255,7 +288,7 @@ def mode_settings(mode: str, project: dict) -> dict:
 
 def run(mode, settings, model_dir, feats, tok, a, spy_file=None):
     p = params.TrainParams(**{**dict(model=str(model_dir), micro_batch_size=a.micro_batch, grad_accum=a.grad_accum,
-                              max_steps=a.steps + a.profile, logging_steps=1, save_steps=0, eval_steps=1,
+                              max_steps=a.steps + a.profile, logging_steps=a.steps + a.profile, save_steps=0, eval_steps=1,
                               lr_scheduler="constant", seed=0), **settings})
     p.check()
     if not a.cudnn_attention:
@@ -282,10 +315,11 @@ def run(mode, settings, model_dir, feats, tok, a, spy_file=None):
         args.gradient_checkpointing = False  # unsloth's own checkpointing is in the model already
     trainer = trainer_class(p)(model=model, args=args, train_dataset=feats, data_collator=collator, callbacks=[clock])
     configure(trainer, p)  # the answer loss's LM head, DDP's gradient compression
+    step_losses = StepLosses(trainer)
     trainer.remove_callback(PrinterCallback)  # a line per step and mode drowns the table
     t = time.perf_counter()
     trainer.train()
-    losses = [round(r["loss"], 4) for r in trainer.state.log_history if "loss" in r][:a.steps]
+    losses = step_losses.values()[:a.steps]
     tokens, dt = across_processes(clock.tokens, clock.dt)
     # per GPU: each process's GPU against the matmul rate of this one
     util = mfu(tokens / dt, world_size(), flops_per_token(model_dir, p), a.matmul_rate)
@@ -295,7 +329,8 @@ def run(mode, settings, model_dir, feats, tok, a, spy_file=None):
            "load_peak_gib": round(clock.load_peak / 2 ** 30, 2),
            "s_per_step": round(dt / (a.steps - a.warmup), 3), "load_s": round(t_load, 1),
            "untimed_s": round(time.perf_counter() - t - clock.dt, 1),  # warm-up (compilation) + profiling
-           "losses": losses}
+           "losses": losses,  # every step's, read once at the end
+           "logged_losses": [round(r["loss"], 4) for r in trainer.state.log_history if "loss" in r]}
     if a.profile:
         row["profile"] = profile_summary(clock)
     if clock.memory:

@@ -218,6 +218,17 @@ def test_train_speed_modes_on_the_tiny_model(tmp_path, monkeypatch, capsys):
     assert rows[1]["losses"] == pytest.approx(rows[0]["losses"], rel=1e-4)
 
 
+def test_step_losses_read_at_the_end_are_the_ones_the_trainer_logs(tmp_path, monkeypatch):
+    """The losses kept on the device and read after training equal what the Trainer logs when it logs
+    every step (its own sum over the 2 micro-batches of a step); by default it logs once, at the end:
+    the mean of the same steps."""
+    out = _train_speed(tmp_path, monkeypatch, "project+logging_steps=1,project", "--grad-accum", "2")
+    every, once = json.loads(out.read_text())["rows"]
+    assert len(every["logged_losses"]) == 3 and every["losses"] == pytest.approx(every["logged_losses"], abs=1e-4)
+    assert once["losses"] == pytest.approx(every["losses"], rel=1e-5)
+    assert once["logged_losses"] == pytest.approx([sum(every["logged_losses"]) / 3], rel=1e-3)
+
+
 def test_mfu_counts_the_recomputed_share_of_layers(tmp_path, monkeypatch):
     """project+checkpointed_layers=1 on the 2-layer tiny model: half the layers run their forward again,
     so a token costs 2 x params x (2 + 1/2) FLOPs."""
@@ -244,15 +255,21 @@ def test_profile_window_reports_the_hosts_time(tmp_path, monkeypatch, capsys):
 
 
 def test_profile_stacks_name_the_python_that_waits(tmp_path, monkeypatch):
-    """--profile-stacks: the host's waits come with the Python frames that made them. The Trainer logs the
-    loss and gradient norm every step (logging_steps 1) with .item(): an aten::item whose stack names
-    transformers' trainer.py, at least twice a step."""
-    out = _train_speed(tmp_path, monkeypatch, "project", "--profile", "2", "--profile-stacks")
-    waits = json.loads(out.read_text())["rows"][0]["profile"]["waits"]
-    logged = [w for w in waits if w["op"] == "aten::item" and any("transformers/trainer.py" in f for f in w["stack"])]
-    assert sum(w["per_step"] for w in logged) >= 2
+    """--profile-stacks: the host's waits come with the Python frames that made them. Logging every step
+    (logging_steps 1), the Trainer reads the loss and gradient norm with .item(): an aten::item whose stack
+    names the Trainer's log, at least twice a step. By default the benchmark logs once, after the
+    profiled steps, and reads its per-step losses at the end: no such wait in the steps."""
+    out = _train_speed(tmp_path, monkeypatch, "project+logging_steps=1,project", "--profile", "2", "--profile-stacks")
+    rows = json.loads(out.read_text())["rows"]
+
+    def logged(row):
+        return sum(w["per_step"] for w in row["profile"]["waits"]
+                   if w["op"] == "aten::item" and any("trainer.py" in f and "_maybe_log_save_evaluate" in f
+                                                      for f in w["stack"]))
+
+    assert logged(rows[0]) >= 2 and logged(rows[1]) == 0
     # the profiler now records every Python call too: the host's ranking keeps ops only
-    host = json.loads(out.read_text())["rows"][0]["profile"]["host_total_ms"]
+    host = rows[0]["profile"]["host_total_ms"]
     assert host and not any(".py(" in k[0] or k[0].startswith("<built-in") for k in host)
     with pytest.raises(SystemExit, match="needs --profile"):
         _train_speed(tmp_path, monkeypatch, "project", "--profile-stacks")
