@@ -163,6 +163,10 @@ class SpeedParams:
     # for steps bound by the host (qwen2.5-coder-1.5b on an H100: 1.45x; the 7B: 1.00x, 1.09x with
     # varlen_attention). Its compile builds C++ (on a CPU several times longer; on the H100 no longer)
     cpp_wrapper: bool = False
+    # with compile and gradient_checkpointing: a checkpointed layer's recompute is traced into its compiled
+    # backward (one graph a layer, launched once) instead of HF's checkpoint calling the compiled forward
+    # again from Python (lib/speedups.recompute_in_compiled); the same sums
+    compiled_recompute: bool = False
     lean_nf4: bool = False  # 4-bit layers without bitsandbytes' Python wrappers (lib/nf4.py): same products
     # the LoRA projections that read the same input (q/k/v, gate/up) computed as one group in training: one base
     # matmul and one x @ A a group, fewer launches and thin matmuls (lib/fused_projections.py); same sums
@@ -194,7 +198,10 @@ class SpeedParams:
                               "under gradient_checkpointing and crashed without it; use default or "
                               "max-autotune-no-cudagraphs")
         _choice("compile_mode", self.compile_mode, COMPILE_MODES)
-        for flag in ("compile_mode", "cpp_wrapper"):
+        if self.compiled_recompute and not self.gradient_checkpointing:
+            raise ParamsError("compiled_recompute needs gradient_checkpointing: true (it moves the recompute into "
+                              "the compiled code)")
+        for flag in ("compile_mode", "cpp_wrapper", "compiled_recompute"):
             if getattr(self, flag) != getattr(SpeedParams, flag) and not self.compile:
                 raise ParamsError(f"{flag}: {getattr(self, flag)} needs compile: true")
         if self.compile:

@@ -9,6 +9,7 @@
 - compile_layers: torch.compile of each decoder layer (regional compilation): the small model's step
   is bound by kernel launches and Python, not FLOPs.
 - checkpoint_only: gradient checkpointing on some layers, not all: memory traded for recomputation.
+- recompute_in_compiled: a checkpointed layer's recompute moved into its compiled backward.
 """
 import torch
 import torch.nn.functional as F
@@ -87,11 +88,31 @@ def uncompile(model):
         layer._compiled_call_impl = None
 
 
-def compile_layers(model, mode: str = "default", cpp_wrapper: bool = False) -> int:
+def recompute_in_compiled(layer) -> None:
+    """Checkpoint the layer inside the code torch.compile traces, not around it. HF checkpoints a layer
+    from outside (reentrant CheckpointFunction): its backward runs Python, calls the compiled forward a
+    second time, then that graph's backward. Traced inside (non-reentrant checkpoint), the compiled
+    forward saves only the layer's inputs and AOTAutograd puts the recomputation into the compiled
+    backward: one graph, launched once (torchtitan compiles its checkpointed blocks so). Eval and
+    no-grad calls run the plain forward."""
+    from torch.utils.checkpoint import checkpoint
+
+    forward = layer.forward
+
+    def checkpointed(*args, **kwargs):
+        if not (layer.training and torch.is_grad_enabled()):
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    layer.forward = checkpointed
+    layer.gradient_checkpointing = False  # HF's own wrapper off: it would checkpoint the layer twice
+
+
+def compile_layers(model, mode: str = "default", cpp_wrapper: bool = False, recompute_inside: bool = False) -> int:
     """torch.compile each decoder layer in place (their shared code compiles once per shape family).
     cpp_wrapper: inductor writes each compiled graph's launcher in C++, not Python, so launching its
     kernels costs the host less; torch.compile takes either a mode or options, so the mode's own options
-    go along."""
+    go along. recompute_inside: each checkpointed layer's recompute inside its compiled code."""
     import torch._inductor
 
     kw = {"mode": mode}
@@ -99,5 +120,7 @@ def compile_layers(model, mode: str = "default", cpp_wrapper: bool = False) -> i
         kw = {"options": {**torch._inductor.list_mode_options(mode), "cpp_wrapper": True}}
     layers = decoder_layers(model)
     for layer in layers:
+        if recompute_inside and getattr(layer, "gradient_checkpointing", False):
+            recompute_in_compiled(layer)
         layer.compile(dynamic=True, **kw)
     return len(layers)

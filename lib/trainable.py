@@ -14,7 +14,7 @@ def make_trainable(model, p):
     if p.checkpointed_layers:  # params refuse it without gradient_checkpointing
         speedups.checkpoint_only(model, p.checkpointed_layers)
     if p.compile:
-        speedups.compile_layers(model, p.compile_mode, p.cpp_wrapper)
+        speedups.compile_layers(model, p.compile_mode, p.cpp_wrapper, p.compiled_recompute)
     return model
 
 

@@ -152,18 +152,19 @@ def test_varlen_flash_equals_the_masked_path_on_gpu(window):
         torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
 
 
-@pytest.mark.parametrize("compile_", [False, True])
-def test_varlen_training_step_on_gpu(tmp_path, compile_):
+@pytest.mark.parametrize("speed", [{}, {"compile": True}, {"compile": True, "compiled_recompute": True}])
+def test_varlen_training_step_on_gpu(tmp_path, speed):
     """The Trainer's bf16 step with varlen_attention (the flash kernel; checkpointed layers, compiled or
-    not) gives the masked packing step's loss and LoRA gradients to bf16 rounding."""
+    not, the recompute inside the compiled code too) gives the masked packing step's loss and LoRA
+    gradients to bf16 rounding."""
     from lib import params
     from tests.test_varlen_attention import varlen_same_step
 
     base = params.TrainParams(model=TINY, quantization="none", compute_dtype="bfloat16", packing=True,
-                              compile=compile_, eval_steps=1000, save_steps=0)
+                              eval_steps=1000, save_steps=0, **speed)
     calls, _, _ = varlen_same_step(base, models.load_tokenizer(TINY), tmp_path, kernel="_flash", rel=1e-2,
                                    rtol=5e-2, atol=2e-2)
-    assert calls == 4 if not compile_ else calls > 0  # 2 layers, forward and recompute; compiled: when traced
+    assert calls == 4 if not speed else calls > 0  # 2 layers, forward and recompute; compiled: when traced
 
 
 def test_varlen_answer_loss_never_waits_for_the_gpu():

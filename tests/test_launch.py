@@ -146,15 +146,19 @@ def test_balanced_ranks_two_processes_are_the_one_process_run(tmp_path):
     assert c2.eval_ppl.iloc[-1] < c2.eval_ppl.iloc[0]
 
 
-@pytest.mark.parametrize("option", ["fuse_projections", "varlen_attention"])
+@pytest.mark.parametrize("option", [{"fuse_projections": True}, {"varlen_attention": True},
+                                    {"gradient_checkpointing": True, "compile": True, "compiled_recompute": True}],
+                         ids=lambda o: list(o)[-1])
 def test_speed_option_two_processes_are_the_one_process_run(tmp_path, option):
     """Under DDP, fuse_projections (its 16-bit base weights are views of one stacked tensor, which the
-    wrap-time broadcast writes through) and varlen_attention (each rank's bounds reach its attention through
-    DDP's forward; the switch is made on the unwrapped model): 2 processes train the 1-process run's
-    losses, gradient norms and curve; and that run is the plain one's to bf16 rounding."""
+    wrap-time broadcast writes through), varlen_attention (each rank's bounds reach its attention through
+    DDP's forward; the switch is made on the unwrapped model) and compiled_recompute (the checkpointed
+    layers' recompute inside their compiled backward, DDP's gradient hooks firing from it): 2 processes
+    train the 1-process run's losses, gradient norms and curve; and that run is the plain one's to bf16
+    rounding."""
     plain = launch.run(_cfg(tmp_path, 1), tmp_path / "plain", 1, cpu=True)
-    one = launch.run(_cfg(tmp_path, 1, **{option: True}), tmp_path / "one", 1, cpu=True)
-    two = launch.run(_cfg(tmp_path, 2, **{option: True}), tmp_path / "two", 2, cpu=True)
+    one = launch.run(_cfg(tmp_path, 1, **option), tmp_path / "one", 1, cpu=True)
+    two = launch.run(_cfg(tmp_path, 2, **option), tmp_path / "two", 2, cpu=True)
     assert _log(two) == pytest.approx(_log(one), rel=1e-5)
     c1, c2 = pd.read_csv(one / "curve.csv"), pd.read_csv(two / "curve.csv")
     assert c2.eval_ppl.to_numpy() == pytest.approx(c1.eval_ppl.to_numpy(), rel=1e-5)

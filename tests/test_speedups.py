@@ -264,6 +264,51 @@ def test_cpp_wrapper_keeps_loss_and_gradients(tiny):
         torch.testing.assert_close(g[k], g0[k], rtol=1e-4, atol=1e-6)
 
 
+def _counted_step(p, feats, tok):
+    """One step of the tiny NF4 model under p: (loss, LoRA gradients, calls of the layers' compiled code,
+    the numel of every tensor autograd saved in the forward)."""
+    torch.manual_seed(0)
+    model = trainable.make_trainable(_tiny_nf4(p.compute_dtype), p).train()
+    calls, saved = [], []
+    for layer in speedups.decoder_layers(model):
+        run = layer._compiled_call_impl
+        layer._compiled_call_impl = lambda *a, _run=run, **kw: calls.append(1) or _run(*a, **kw)
+    batch = collate.PadCollator(tok.pad_token_id)(feats)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        loss = answer_loss(model, **batch)
+    loss.backward()
+    grads = {n: x.grad.clone() for n, x in model.named_parameters() if x.requires_grad}
+    return loss.item(), grads, len(calls), saved, batch["input_ids"].numel(), model.config.intermediate_size
+
+
+def test_compiled_recompute_keeps_the_step_and_runs_each_layer_once(tiny):
+    """compiled_recompute: one step's loss and LoRA gradients equal the uncompiled checkpointed step's. Each
+    layer's compiled code runs once a step (its recompute is inside the compiled backward), where HF's
+    checkpoint around it runs it twice (the forward, then the recompute); and it still checkpoints: no
+    MLP activation (tokens x intermediate width) is kept for the backward, as without checkpointing."""
+    _, _, tok = tiny
+    feats, _, _ = collate.encode_examples(tok, data.load_split("data/sample", "train", limit=3), "course", 2048)
+    ref = params.TrainParams(model=TINY, compute_dtype="float32")
+    _, loss0, g0 = _step(ref, feats, tok)
+    loss, g, calls, saved, tokens, width = _counted_step(dataclasses.replace(ref, compile=True, compiled_recompute=True),
+                                                         feats, tok)
+    assert loss == pytest.approx(loss0, rel=1e-5)
+    assert g.keys() == g0.keys() and len(g0) > 0
+    for k in g0:
+        torch.testing.assert_close(g[k], g0[k], rtol=1e-4, atol=1e-6)
+    assert calls == 2 and tokens * width not in saved  # the tiny model's 2 layers, once each
+    _, _, calls_hf, _, _, _ = _counted_step(dataclasses.replace(ref, compile=True), feats, tok)
+    _, _, _, saved_all, _, _ = _counted_step(dataclasses.replace(ref, compile=True, gradient_checkpointing=False), feats, tok)
+    assert calls_hf == 4 and tokens * width in saved_all
+
+
+def test_compiled_recompute_needs_compile_and_checkpointing():
+    with pytest.raises(params.ParamsError, match="compiled_recompute: True needs compile: true"):
+        params.TrainParams(model=TINY, compiled_recompute=True).check()
+    with pytest.raises(params.ParamsError, match="compiled_recompute needs gradient_checkpointing: true"):
+        params.TrainParams(model=TINY, compile=True, compiled_recompute=True, gradient_checkpointing=False).check()
+
+
 def test_floating_point_ops_is_hf_value(tiny):
     """The cached count gives HF's own number."""
     from transformers import Trainer

@@ -168,17 +168,17 @@ def varlen_same_step(base, tok, tmp_path, kernel="_masked", rel=1e-5, rtol=1e-4,
     return len(calls), g0, feats
 
 
-@pytest.mark.parametrize("compile_", [False, True])
-def test_training_step_equals_the_masked_one(tiny, tmp_path, compile_):
+@pytest.mark.parametrize("speed", [{}, {"compile": True}, {"compile": True, "compiled_recompute": True}])
+def test_training_step_equals_the_masked_one(tiny, tmp_path, speed):
     """The Trainer's step with varlen_attention gives the loss and LoRA gradients of packing under SDPA's
     mask, with checkpointed layers (their backward recomputes the forward, which must attend the same
-    way), compiled or not. Run without the switch around the backward, the recompute attends across the
-    sequences and the gradients differ: the test can fail."""
+    way), compiled or not, the recompute inside the compiled code too. Run without the switch around the
+    backward, the recompute attends across the sequences and the gradients differ: the test can fail."""
     tok = tiny[2]
     base = params.TrainParams(model=TINY, quantization="none", compute_dtype="float32", packing=True,
-                              gradient_checkpointing=True, compile=compile_, eval_steps=1000, save_steps=0)
+                              gradient_checkpointing=True, eval_steps=1000, save_steps=0, **speed)
     calls, g0, feats = varlen_same_step(base, tok, tmp_path)
-    if compile_:  # traced, not called, once compiled
+    if speed:  # traced, not called, once compiled
         return
     assert calls == 4  # each of the 2 layers: its forward and its recompute in backward
     with pytest.MonkeyPatch.context() as mp:  # the switch left before the backward
