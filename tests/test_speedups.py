@@ -302,11 +302,13 @@ def test_compiled_recompute_keeps_the_step_and_runs_each_layer_once(tiny):
     assert calls_hf == 4 and tokens * width in saved_all
 
 
-def test_compiled_recompute_needs_compile_and_checkpointing():
+def test_compiled_recompute_needs_compile_and_checkpointing_and_no_cpp_wrapper():
     with pytest.raises(params.ParamsError, match="compiled_recompute: True needs compile: true"):
         params.TrainParams(model=TINY, compiled_recompute=True).check()
     with pytest.raises(params.ParamsError, match="compiled_recompute needs gradient_checkpointing: true"):
         params.TrainParams(model=TINY, compile=True, compiled_recompute=True, gradient_checkpointing=False).check()
+    with pytest.raises(params.ParamsError, match="compiled_recompute does not compile with cpp_wrapper"):
+        params.TrainParams(model=TINY, compile=True, compiled_recompute=True, cpp_wrapper=True).check()
 
 
 def test_floating_point_ops_is_hf_value(tiny):
