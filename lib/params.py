@@ -165,7 +165,8 @@ class SpeedParams:
     cpp_wrapper: bool = False
     # with compile and gradient_checkpointing: a checkpointed layer's recompute is traced into its compiled
     # backward (one graph a layer, launched once) instead of HF's checkpoint calling the compiled forward
-    # again from Python (lib/speedups.recompute_in_compiled); the same sums. Not with cpp_wrapper; not yet timed
+    # again from Python (lib/speedups.recompute_in_compiled); the attention's outputs are kept, not recomputed
+    # (its kernels are tagged random: see there). The same sums; not yet timed on a GPU
     compiled_recompute: bool = False
     lean_nf4: bool = False  # 4-bit layers without bitsandbytes' Python wrappers (lib/nf4.py): same products
     # the LoRA projections that read the same input (q/k/v, gate/up) computed as one group in training: one base
@@ -201,12 +202,6 @@ class SpeedParams:
         if self.compiled_recompute and not self.gradient_checkpointing:
             raise ParamsError("compiled_recompute needs gradient_checkpointing: true (it moves the recompute into "
                               "the compiled code)")
-        if self.compiled_recompute and self.cpp_wrapper:
-            # on the H100 (2026-11-27) the 7B failed to compile: CUDA's attention kernels are tagged random, so
-            # AOTAutograd replays their RNG state around the recompute with a higher-order op that inductor's
-            # C++ launcher cannot emit (cpp_wrapper_cpu asserts an OpOverload)
-            raise ParamsError("compiled_recompute does not compile with cpp_wrapper: true (the recomputed attention's "
-                              "RNG replay is an op the C++ launcher cannot emit); turn one of them off")
         for flag in ("compile_mode", "cpp_wrapper", "compiled_recompute"):
             if getattr(self, flag) != getattr(SpeedParams, flag) and not self.compile:
                 raise ParamsError(f"{flag}: {getattr(self, flag)} needs compile: true")

@@ -88,21 +88,35 @@ def uncompile(model):
         layer._compiled_call_impl = None
 
 
+def _save_random_ops(ctx, op, *args, **kwargs):
+    """Selective-checkpoint policy: keep the outputs of ops torch tags as random, recompute the rest.
+    The attention kernels (flash, memory-efficient, CPU flash) carry the tag because they support dropout;
+    recomputed, AOTAutograd would wrap each in a replay of the RNG state, a higher-order op that
+    inductor's C++ launcher (cpp_wrapper) cannot emit (measured: the 7B failed to compile on an H100)."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    random = torch.Tag.nondeterministic_seeded in getattr(op, "tags", ())
+    return CheckpointPolicy.MUST_SAVE if random else CheckpointPolicy.PREFER_RECOMPUTE
+
+
 def recompute_in_compiled(layer) -> None:
     """Checkpoint the layer inside the code torch.compile traces, not around it. HF checkpoints a layer
     from outside (reentrant CheckpointFunction): its backward runs Python, calls the compiled forward a
     second time, then that graph's backward. Traced inside (non-reentrant checkpoint), the compiled
-    forward saves only the layer's inputs and AOTAutograd puts the recomputation into the compiled
-    backward: one graph, launched once (torchtitan compiles its checkpointed blocks so). Eval and
-    no-grad calls run the plain forward."""
-    from torch.utils.checkpoint import checkpoint
+    forward saves only the layer's inputs and its attention's output (_save_random_ops), and AOTAutograd
+    puts the recomputation into the compiled backward: one graph, launched once (torchtitan compiles its
+    checkpointed blocks so). Eval and no-grad calls run the plain forward."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
     forward = layer.forward
+    keep_random = functools.partial(create_selective_checkpoint_contexts, _save_random_ops)
 
     def checkpointed(*args, **kwargs):
         if not (layer.training and torch.is_grad_enabled()):
             return forward(*args, **kwargs)
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, context_fn=keep_random, **kwargs)
 
     layer.forward = checkpointed
     layer.gradient_checkpointing = False  # HF's own wrapper off: it would checkpoint the layer twice
