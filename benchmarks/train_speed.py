@@ -191,14 +191,14 @@ class StepLosses(TrainerCallback):
         self.micro = []
 
     def values(self) -> list[float]:
-        import torch.distributed as dist
-
         if not self.steps:  # a trainer that bypassed training_step: the row says so by its empty losses
             return []
         t = torch.stack(self.steps).float()
-        if dist.is_available() and dist.is_initialized():
+        if world_size() > 1:
+            import torch.distributed as dist
+
             dist.all_reduce(t)
-            t /= dist.get_world_size()
+            t /= world_size()
         return [round(x, 4) for x in t.tolist()]
 
 

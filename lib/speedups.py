@@ -122,11 +122,11 @@ def recompute_in_compiled(layer) -> None:
     layer.gradient_checkpointing = False  # HF's own wrapper off: it would checkpoint the layer twice
 
 
-def compile_layers(model, mode: str = "default", cpp_wrapper: bool = False, recompute_inside: bool = False) -> int:
+def compile_layers(model, mode: str = "default", cpp_wrapper: bool = False, compiled_recompute: bool = False) -> int:
     """torch.compile each decoder layer in place (their shared code compiles once per shape family).
     cpp_wrapper: inductor writes each compiled graph's launcher in C++, not Python, so launching its
     kernels costs the host less; torch.compile takes either a mode or options, so the mode's own options
-    go along. recompute_inside: each checkpointed layer's recompute inside its compiled code."""
+    go along. compiled_recompute: each checkpointed layer's recompute inside its compiled code."""
     import torch._inductor
 
     kw = {"mode": mode}
@@ -134,7 +134,7 @@ def compile_layers(model, mode: str = "default", cpp_wrapper: bool = False, reco
         kw = {"options": {**torch._inductor.list_mode_options(mode), "cpp_wrapper": True}}
     layers = decoder_layers(model)
     for layer in layers:
-        if recompute_inside and getattr(layer, "gradient_checkpointing", False):
+        if compiled_recompute and getattr(layer, "gradient_checkpointing", False):
             recompute_in_compiled(layer)
         layer.compile(dynamic=True, **kw)
     return len(layers)

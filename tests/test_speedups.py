@@ -77,16 +77,26 @@ def test_cache_dequantized_gives_the_same_logits_and_replaces_every_4bit_layer()
     torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
 
 
-def _step(p, feats, tok):
-    """Loss and LoRA gradients of one training step of the tiny model under params p."""
+def _step(p, feats, tok, watch=None):
+    """Loss and LoRA gradients of one training step of the tiny model under params p. watch, a dict, gets
+    the calls of the layers' compiled code ("calls"), the numel of every tensor autograd saved in the
+    forward ("saved") and the batch's tokens ("tokens")."""
     torch.manual_seed(0)
     model = trainable.make_trainable(_tiny_nf4(p.compute_dtype), p)
     model.train()
+    calls, saved = [], []
+    for layer in speedups.decoder_layers(model) if watch is not None else ():
+        if layer._compiled_call_impl is not None:
+            run = layer._compiled_call_impl
+            layer._compiled_call_impl = lambda *a, _run=run, **kw: calls.append(1) or _run(*a, **kw)
     batch = collate.PadCollator(tok.pad_token_id)(feats)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=p.compute_dtype == "bfloat16"):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=p.compute_dtype == "bfloat16"), \
+            torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
         loss = answer_loss(model, **batch)
     loss.backward()
     grads = {n: x.grad.clone() for n, x in model.named_parameters() if x.requires_grad}
+    if watch is not None:
+        watch.update(calls=len(calls), saved=saved, tokens=batch["input_ids"].numel())
     return model, loss.item(), grads
 
 
@@ -264,23 +274,6 @@ def test_cpp_wrapper_keeps_loss_and_gradients(tiny):
         torch.testing.assert_close(g[k], g0[k], rtol=1e-4, atol=1e-6)
 
 
-def _counted_step(p, feats, tok):
-    """One step of the tiny NF4 model under p: (loss, LoRA gradients, calls of the layers' compiled code,
-    the numel of every tensor autograd saved in the forward)."""
-    torch.manual_seed(0)
-    model = trainable.make_trainable(_tiny_nf4(p.compute_dtype), p).train()
-    calls, saved = [], []
-    for layer in speedups.decoder_layers(model):
-        run = layer._compiled_call_impl
-        layer._compiled_call_impl = lambda *a, _run=run, **kw: calls.append(1) or _run(*a, **kw)
-    batch = collate.PadCollator(tok.pad_token_id)(feats)
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        loss = answer_loss(model, **batch)
-    loss.backward()
-    grads = {n: x.grad.clone() for n, x in model.named_parameters() if x.requires_grad}
-    return loss.item(), grads, len(calls), saved, batch["input_ids"].numel(), model.config.intermediate_size
-
-
 @pytest.mark.parametrize("cpp_wrapper", [False, True])
 def test_compiled_recompute_keeps_the_step_and_runs_each_layer_once(tiny, cpp_wrapper):
     """compiled_recompute: one step's loss and LoRA gradients equal the uncompiled checkpointed step's. Each
@@ -293,18 +286,20 @@ def test_compiled_recompute_keeps_the_step_and_runs_each_layer_once(tiny, cpp_wr
     feats, _, _ = collate.encode_examples(tok, data.load_split("data/sample", "train", limit=3), "course", 2048)
     ref = params.TrainParams(model=TINY, compute_dtype="float32")
     _, loss0, g0 = _step(ref, feats, tok)
-    fast = dataclasses.replace(ref, compile=True, compiled_recompute=True, cpp_wrapper=cpp_wrapper)
-    loss, g, calls, saved, tokens, width = _counted_step(fast, feats, tok)
+    fast, hf, whole = {}, {}, {}
+    model, loss, g = _step(dataclasses.replace(ref, compile=True, compiled_recompute=True, cpp_wrapper=cpp_wrapper),
+                           feats, tok, fast)
     assert loss == pytest.approx(loss0, rel=1e-5)
     assert g.keys() == g0.keys() and len(g0) > 0
     for k in g0:
         torch.testing.assert_close(g[k], g0[k], rtol=1e-4, atol=1e-6)
-    assert calls == 2 and tokens * width not in saved  # the tiny model's 2 layers, once each
+    mlp = fast["tokens"] * model.config.intermediate_size  # one MLP activation's numel
+    assert fast["calls"] == 2 and mlp not in fast["saved"]  # the tiny model's 2 layers, once each
     if cpp_wrapper:
         return
-    _, _, calls_hf, _, _, _ = _counted_step(dataclasses.replace(ref, compile=True), feats, tok)
-    _, _, _, saved_all, _, _ = _counted_step(dataclasses.replace(ref, compile=True, gradient_checkpointing=False), feats, tok)
-    assert calls_hf == 4 and tokens * width in saved_all
+    _step(dataclasses.replace(ref, compile=True), feats, tok, hf)
+    _step(dataclasses.replace(ref, compile=True, gradient_checkpointing=False), feats, tok, whole)
+    assert hf["calls"] == 4 and mlp in whole["saved"]
 
 
 def test_compiled_recompute_needs_compile_and_checkpointing():
