@@ -163,11 +163,12 @@ class SpeedParams:
     # for steps bound by the host (qwen2.5-coder-1.5b on an H100: 1.45x; the 7B: 1.00x, 1.09x with
     # varlen_attention). Its compile builds C++ (on a CPU several times longer; on the H100 no longer)
     cpp_wrapper: bool = False
-    # with compile and gradient_checkpointing: a checkpointed layer's recompute is traced into its compiled
-    # backward (one graph a layer, launched once) instead of HF's checkpoint calling the compiled forward
-    # again from Python (lib/speedups.recompute_in_compiled); the attention's outputs are kept, not recomputed
-    # (its kernels are tagged random: see there). The same sums; not yet timed on a GPU
-    compiled_recompute: bool = False
+    # with compile and gradient_checkpointing: the first N checkpointed decoder layers have their recompute
+    # traced into their compiled backward (one graph a layer, launched once) instead of HF's checkpoint calling
+    # the compiled forward again from Python (lib/speedups.recompute_in_compiled); 0 = none. Each such layer
+    # keeps its attention's output (its kernels are tagged random: see there), ~33 MB a 7B layer at 16 x 1:
+    # all 32 of the 7B's trained 1.07x as fast at +1.04 GiB on an H100 (benchmarks/README.md)
+    compiled_recompute: int = 0
     lean_nf4: bool = False  # 4-bit layers without bitsandbytes' Python wrappers (lib/nf4.py): same products
     # the LoRA projections that read the same input (q/k/v, gate/up) computed as one group in training: one base
     # matmul and one x @ A a group, fewer launches and thin matmuls (lib/fused_projections.py); same sums
@@ -185,7 +186,7 @@ class SpeedParams:
 
     def check(self):
         _positive(self, "pack_tokens", "num_processes")
-        _non_negative(self, "checkpointed_layers")
+        _non_negative(self, "checkpointed_layers", "compiled_recompute")
         if self.checkpointed_layers and not self.gradient_checkpointing:
             raise ParamsError("checkpointed_layers needs gradient_checkpointing: true (it chooses which layers recompute)")
         from .chunked_loss import HEAD_LOSSES

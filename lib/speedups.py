@@ -122,19 +122,23 @@ def recompute_in_compiled(layer) -> None:
     layer.gradient_checkpointing = False  # HF's own wrapper off: it would checkpoint the layer twice
 
 
-def compile_layers(model, mode: str = "default", cpp_wrapper: bool = False, compiled_recompute: bool = False) -> int:
+def compile_layers(model, mode: str = "default", cpp_wrapper: bool = False, compiled_recompute: int = 0) -> int:
     """torch.compile each decoder layer in place (their shared code compiles once per shape family).
     cpp_wrapper: inductor writes each compiled graph's launcher in C++, not Python, so launching its
     kernels costs the host less; torch.compile takes either a mode or options, so the mode's own options
-    go along. compiled_recompute: each checkpointed layer's recompute inside its compiled code."""
+    go along. compiled_recompute: the first N checkpointed layers recompute inside their compiled code."""
     import torch._inductor
 
     kw = {"mode": mode}
     if cpp_wrapper:
         kw = {"options": {**torch._inductor.list_mode_options(mode), "cpp_wrapper": True}}
     layers = decoder_layers(model)
+    checkpointed = [layer for layer in layers if getattr(layer, "gradient_checkpointing", False)]
+    if compiled_recompute > len(checkpointed):
+        raise ValueError(f"compiled_recompute: {compiled_recompute} is more than the model's {len(checkpointed)} "
+                         "checkpointed decoder layers")
+    for layer in checkpointed[:compiled_recompute]:
+        recompute_in_compiled(layer)
     for layer in layers:
-        if compiled_recompute and getattr(layer, "gradient_checkpointing", False):
-            recompute_in_compiled(layer)
         layer.compile(dynamic=True, **kw)
     return len(layers)

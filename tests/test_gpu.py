@@ -153,7 +153,7 @@ def test_varlen_flash_equals_the_masked_path_on_gpu(window):
 
 
 @pytest.mark.parametrize("speed", [{}, {"compile": True},
-                                   {"compile": True, "compiled_recompute": True, "cpp_wrapper": True}])
+                                   {"compile": True, "compiled_recompute": 2, "cpp_wrapper": True}])
 def test_varlen_training_step_on_gpu(tmp_path, speed):
     """The Trainer's bf16 step with varlen_attention (the flash kernel; checkpointed layers, compiled or
     not, the recompute inside the compiled code too) gives the masked packing step's loss and LoRA

@@ -147,7 +147,7 @@ def test_balanced_ranks_two_processes_are_the_one_process_run(tmp_path):
 
 
 @pytest.mark.parametrize("option", [{"fuse_projections": True}, {"varlen_attention": True},
-                                    {"gradient_checkpointing": True, "compile": True, "compiled_recompute": True}],
+                                    {"gradient_checkpointing": True, "compile": True, "compiled_recompute": 2}],
                          ids=lambda o: list(o)[-1])
 def test_speed_option_two_processes_are_the_one_process_run(tmp_path, option):
     """Under DDP, fuse_projections (its 16-bit base weights are views of one stacked tensor, which the

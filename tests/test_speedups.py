@@ -287,7 +287,7 @@ def test_compiled_recompute_keeps_the_step_and_runs_each_layer_once(tiny, cpp_wr
     ref = params.TrainParams(model=TINY, compute_dtype="float32")
     _, loss0, g0 = _step(ref, feats, tok)
     fast, hf, whole = {}, {}, {}
-    model, loss, g = _step(dataclasses.replace(ref, compile=True, compiled_recompute=True, cpp_wrapper=cpp_wrapper),
+    model, loss, g = _step(dataclasses.replace(ref, compile=True, compiled_recompute=2, cpp_wrapper=cpp_wrapper),
                            feats, tok, fast)
     assert loss == pytest.approx(loss0, rel=1e-5)
     assert g.keys() == g0.keys() and len(g0) > 0
@@ -302,11 +302,32 @@ def test_compiled_recompute_keeps_the_step_and_runs_each_layer_once(tiny, cpp_wr
     assert hf["calls"] == 4 and mlp in whole["saved"]
 
 
+def test_compiled_recompute_of_the_first_layers_only(tiny):
+    """compiled_recompute: 1 of the tiny model's 2 checkpointed layers: layer 0 recomputes inside its
+    compiled code (its code runs once), layer 1 keeps HF's checkpoint (twice): 3 calls a step, and the
+    step is the uncompiled checkpointed one's. More layers than are checkpointed is an error naming both."""
+    _, _, tok = tiny
+    feats, _, _ = collate.encode_examples(tok, data.load_split("data/sample", "train", limit=3), "course", 2048)
+    ref = params.TrainParams(model=TINY, compute_dtype="float32")
+    _, loss0, g0 = _step(ref, feats, tok)
+    part = {}
+    _, loss, g = _step(dataclasses.replace(ref, compile=True, compiled_recompute=1), feats, tok, part)
+    assert part["calls"] == 3
+    assert loss == pytest.approx(loss0, rel=1e-5)
+    for k in g0:
+        torch.testing.assert_close(g[k], g0[k], rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="compiled_recompute: 2 is more than the model's 1 checkpointed"):
+        trainable.make_trainable(_tiny_nf4(), dataclasses.replace(ref, compile=True, checkpointed_layers=1,
+                                                                  compiled_recompute=2))
+
+
 def test_compiled_recompute_needs_compile_and_checkpointing():
-    with pytest.raises(params.ParamsError, match="compiled_recompute: True needs compile: true"):
-        params.TrainParams(model=TINY, compiled_recompute=True).check()
+    with pytest.raises(params.ParamsError, match="compiled_recompute: 2 needs compile: true"):
+        params.TrainParams(model=TINY, compiled_recompute=2).check()
     with pytest.raises(params.ParamsError, match="compiled_recompute needs gradient_checkpointing: true"):
-        params.TrainParams(model=TINY, compile=True, compiled_recompute=True, gradient_checkpointing=False).check()
+        params.TrainParams(model=TINY, compile=True, compiled_recompute=2, gradient_checkpointing=False).check()
+    with pytest.raises(params.ParamsError, match="'compiled_recompute' must be >= 0"):
+        params.TrainParams(model=TINY, compile=True, compiled_recompute=-1).check()
 
 
 def test_floating_point_ops_is_hf_value(tiny):
