@@ -165,9 +165,10 @@ class SpeedParams:
     cpp_wrapper: bool = False
     # with compile and gradient_checkpointing: the first N checkpointed decoder layers have their recompute
     # traced into their compiled backward (one graph a layer, launched once) instead of HF's checkpoint calling
-    # the compiled forward again from Python (lib/speedups.recompute_in_compiled); 0 = none. Each such layer
-    # keeps its attention's output (its kernels are tagged random: see there), ~33 MB a 7B layer at 16 x 1:
-    # all 32 of the 7B's trained 1.07x as fast at +1.04 GiB on an H100 (benchmarks/README.md)
+    # the compiled forward again from Python (lib/speedups.recompute_in_compiled); 0 = none. Under SDPA each
+    # such layer keeps its attention's output (its kernels are tagged random: see there), ~33 MB a 7B layer
+    # at 16 x 1: all 32 of the 7B's trained 1.07-1.09x as fast at +1.04 GiB on an H100; with varlen_attention
+    # the attention is an untagged op (lib/varlen_op), recomputed, no memory added (benchmarks/README.md)
     compiled_recompute: int = 0
     lean_nf4: bool = False  # 4-bit layers without bitsandbytes' Python wrappers (lib/nf4.py): same products
     # the LoRA projections that read the same input (q/k/v, gate/up) computed as one group in training: one base

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import varlen_op
+
 
 class DequantizedLinear(nn.Linear):
     """A frozen Linear holding a 4-bit layer's dequantized weight; computes as bitsandbytes does
@@ -92,7 +94,9 @@ def _save_random_ops(ctx, op, *args, **kwargs):
     """Selective-checkpoint policy: keep the outputs of ops torch tags as random, recompute the rest.
     The attention kernels (flash, memory-efficient, CPU flash) carry the tag because they support dropout;
     recomputed, AOTAutograd would wrap each in a replay of the RNG state, a higher-order op that
-    inductor's C++ launcher (cpp_wrapper) cannot emit (measured: the 7B failed to compile on an H100)."""
+    inductor's C++ launcher (cpp_wrapper) cannot emit (measured: the 7B failed to compile on an H100).
+    Kept, they cost memory (+1.04 GiB on the 7B at 16 x 1): varlen attention goes through lib.varlen_op's
+    untagged op instead, which is recomputed; SDPA's masked attention is still kept."""
     from torch.utils.checkpoint import CheckpointPolicy
 
     random = torch.Tag.nondeterministic_seeded in getattr(op, "tags", ())
@@ -103,7 +107,7 @@ def recompute_in_compiled(layer) -> None:
     """Checkpoint the layer inside the code torch.compile traces, not around it. HF checkpoints a layer
     from outside (reentrant CheckpointFunction): its backward runs Python, calls the compiled forward a
     second time, then that graph's backward. Traced inside (non-reentrant checkpoint), the compiled
-    forward saves only the layer's inputs and its attention's output (_save_random_ops), and AOTAutograd
+    forward saves only the layer's inputs (and, unless varlen, its attention's output: _save_random_ops), and AOTAutograd
     puts the recomputation into the compiled backward: one graph, launched once (torchtitan compiles its
     checkpointed blocks so). Eval and no-grad calls run the plain forward."""
     import functools
@@ -120,6 +124,7 @@ def recompute_in_compiled(layer) -> None:
 
     layer.forward = checkpointed
     layer.gradient_checkpointing = False  # HF's own wrapper off: it would checkpoint the layer twice
+    varlen_op.use_in(layer)  # its varlen attention untagged, so recomputed rather than kept
 
 
 def compile_layers(model, mode: str = "default", cpp_wrapper: bool = False, compiled_recompute: int = 0) -> int:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 NAME = "cct_varlen"  # no mask function is registered under it: transformers then builds no mask at all
+ONE_OP = "cct_varlen_one_op"  # an attention module's flag: attend through lib/varlen_op (set there)
 
 # torch's flash kernel taking each sequence's bounds; its autograd formula is aten's own (C++). torch's
 # public varlen_attn wraps the same kernel in a Python custom op: measured on an H100, that Python cost
@@ -40,7 +41,10 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
     b, h, t, d = query.shape
     q, k, v = (x.transpose(1, 2).reshape(b * t, x.shape[1], d) for x in (query, key, value))
     scale = scaling if scaling is not None else d ** -0.5
-    if _flash_ok(q):
+    if getattr(module, ONE_OP, False):  # a layer whose recompute is compiled (lib/varlen_op)
+        left = sliding_window - 1 if sliding_window is not None else -1
+        out = torch.ops.cct.varlen_attention(q, k, v, seq_bounds, seq_max, scale, left)[0]
+    elif _flash_ok(q):
         out = _flash(q, k, v, seq_bounds, seq_max, scale, sliding_window)
     else:
         out = _masked(q, k, v, seq_bounds, scale, sliding_window)
@@ -56,10 +60,16 @@ def _flash_ok(q) -> bool:
 def _flash(q, k, v, cu, longest, scale, window):
     """Causal attention within each sequence (keys fewer than `window` back); the kernel takes GQA as is."""
     left = window - 1 if window is not None else -1  # transformers' window: keys less than `window` back
+    return _flash_with_lse(q, k, v, cu, longest, scale, left)[0]
+
+
+def _flash_with_lse(q, k, v, cu, longest, scale, left):
+    """The flash kernel's output and log-sum-exp; keys at most `left` back (-1: all)."""
     cu = cu.to(device=q.device, dtype=torch.int32)
     # as torch's varlen_attn calls it: causal is the window (-1, 0); a sliding window is (left, 0)
-    return _FLASH(q, k, v, cu, cu, longest, longest, 0.0, left == -1, False, scale=scale, window_size_left=left,
-                  window_size_right=0)[0]
+    out, lse = _FLASH(q, k, v, cu, cu, longest, longest, 0.0, left == -1, False, scale=scale, window_size_left=left,
+                      window_size_right=0)[:2]
+    return out, lse
 
 
 def _masked(q, k, v, cu, scale, window):

@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from lib import collate, data, evaluate, models, params, prompts, trainable, varlen_attention
+from lib import collate, data, evaluate, models, params, prompts, speedups, trainable, varlen_attention
 from lib.trainer import make_trainer
 from tests.tiny_model import TINY
 
@@ -39,6 +39,48 @@ def test_attention_is_each_sequence_alone(window):
     flat = [x.transpose(1, 2).reshape(b * t, x.shape[1], d) for x in (q, k, v)]
     ref = _reference(*flat, lengths, 0.3, window).view(b, t, h, d)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_one_op_attention_and_its_gradients(window):
+    """lib.varlen_op's op (the attention of layers whose recompute is compiled): its output is each sequence
+    alone (the written-out reference) and its q/k/v gradients, by formula, are autograd's through that
+    reference; torch's opcheck finds its fake and autograd registrations consistent with it."""
+    import lib.varlen_op  # noqa: F401  registers the op
+
+    torch.manual_seed(0)
+    lengths = [5, 3, 2, 6, 4]
+    q, k, v = (torch.randn(20, n, 8, dtype=torch.float64, requires_grad=True) for n in (4, 2, 2))
+    cu = torch.tensor([0, 5, 8, 10, 16, 20], dtype=torch.int32)
+    left = -1 if window is None else window - 1
+    out = torch.ops.cct.varlen_attention(q, k, v, cu, 6, 0.3, left)[0]
+    ref = _reference(q, k, v, lengths, 0.3, window)
+    torch.testing.assert_close(out, ref)
+    dout = torch.randn_like(out)
+    for g, g_ref in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout)):
+        torch.testing.assert_close(g, g_ref)
+    torch.library.opcheck(torch.ops.cct.varlen_attention.default, (q, k, v, cu, 6, 0.3, left))
+
+
+def test_compiled_recompute_keeps_no_attention_output_with_varlen(tiny, tmp_path, monkeypatch):
+    """With varlen_attention, the layers whose recompute is compiled attend through lib.varlen_op's untagged
+    op: the selective-checkpoint policy keeps no op's output (the attention is recomputed: no memory
+    added); under SDPA's mask it keeps the attention's (a kernel torch tags random)."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    seen, kept, policy = [], [], speedups._save_random_ops
+    monkeypatch.setattr(speedups, "_save_random_ops", lambda ctx, op, *a, **kw: (
+        r := policy(ctx, op, *a, **kw), seen.append(str(op)), r == CheckpointPolicy.MUST_SAVE and kept.append(str(op)))[0])
+    torch._dynamo.reset()  # the policy runs when a layer is traced: no layer compiled by another test reused
+    tok = tiny[2]
+    feats = collate.encode_examples(tok, data.load_split("data/sample", "train", limit=2), "course", 2048)[0]
+    base = params.TrainParams(model=TINY, quantization="none", compute_dtype="float32", packing=True,
+                              gradient_checkpointing=True, eval_steps=1000, save_steps=0, compile=True,
+                              compiled_recompute=2)
+    _trainer_step(dataclasses.replace(base, varlen_attention=True), feats, tok, tmp_path / "v")
+    assert "cct.varlen_attention.default" in seen and kept == []
+    _trainer_step(base, feats, tok, tmp_path / "m")
+    assert kept and all("attention" in op for op in kept)
 
 
 def test_attention_without_bounds_is_an_error():
