@@ -69,8 +69,15 @@ def test_compiled_recompute_keeps_no_attention_output_with_varlen(tiny, tmp_path
     from torch.utils.checkpoint import CheckpointPolicy
 
     seen, kept, policy = [], [], speedups._save_random_ops
-    monkeypatch.setattr(speedups, "_save_random_ops", lambda ctx, op, *a, **kw: (
-        r := policy(ctx, op, *a, **kw), seen.append(str(op)), r == CheckpointPolicy.MUST_SAVE and kept.append(str(op)))[0])
+
+    def spy(ctx, op, *args, **kwargs):
+        decision = policy(ctx, op, *args, **kwargs)
+        seen.append(str(op))
+        if decision == CheckpointPolicy.MUST_SAVE:
+            kept.append(str(op))
+        return decision
+
+    monkeypatch.setattr(speedups, "_save_random_ops", spy)
     torch._dynamo.reset()  # the policy runs when a layer is traced: no layer compiled by another test reused
     tok = tiny[2]
     feats = collate.encode_examples(tok, data.load_split("data/sample", "train", limit=2), "course", 2048)[0]
