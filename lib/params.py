@@ -202,8 +202,9 @@ class SpeedParams:
                               "max-autotune-no-cudagraphs")
         _choice("compile_mode", self.compile_mode, COMPILE_MODES)
         if self.compiled_recompute and not self.gradient_checkpointing:
-            raise ParamsError("compiled_recompute needs gradient_checkpointing: true (it moves the recompute into "
-                              "the compiled code)")
+            raise ParamsError(f"compiled_recompute: {self.compiled_recompute} needs gradient_checkpointing: true (it "
+                              "moves the recompute into the compiled code); without checkpointing set "
+                              "compiled_recompute: 0")
         for flag in ("compile_mode", "cpp_wrapper", "compiled_recompute"):
             if getattr(self, flag) != getattr(SpeedParams, flag) and not self.compile:
                 raise ParamsError(f"{flag}: {getattr(self, flag)} needs compile: true")
