@@ -93,8 +93,9 @@ def project_settings(fp) -> dict:
 def base_settings(name: str, project: dict) -> dict:
     """The settings a trainer starts from: the seed's naive recipe, the project's, Liger on the project's
     (the model's own loss, which Liger fuses), or unsloth's."""
-    return {"baseline": BASELINE, "project": project, "liger": dict(project, answer_loss=False, compile=False),
-            "unsloth": UNSLOTH}[name]
+    uncompiled = {k: getattr(params.SpeedParams, k) for k in params.COMPILE_ONLY}  # Liger's kernels break compile
+    return {"baseline": BASELINE, "project": project, "unsloth": UNSLOTH,
+            "liger": dict(project, answer_loss=False, compile=False, **uncompiled)}[name]
 
 
 class Counting:

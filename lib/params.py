@@ -128,6 +128,8 @@ class OptimParams:
 
 
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # torch.compile's modes that train here
+# settings that mean something only with compile: true (an error without it)
+COMPILE_ONLY = ("compile_mode", "cpp_wrapper", "compiled_recompute")
 # torch.compile's CUDA-graph modes, measured on an H100 (benchmarks/README.md) with the layers compiled one by
 # one: under gradient checkpointing the recomputed forward overwrote outputs the backward still needed; without
 # it, every layer after the first ran eagerly ("pending, uninvoked backwards") and the process crashed
@@ -205,7 +207,7 @@ class SpeedParams:
             raise ParamsError(f"compiled_recompute: {self.compiled_recompute} needs gradient_checkpointing: true (it "
                               "moves the recompute into the compiled code); without checkpointing set "
                               "compiled_recompute: 0")
-        for flag in ("compile_mode", "cpp_wrapper", "compiled_recompute"):
+        for flag in COMPILE_ONLY:
             if getattr(self, flag) != getattr(SpeedParams, flag) and not self.compile:
                 raise ParamsError(f"{flag}: {getattr(self, flag)} needs compile: true")
         if self.compile:

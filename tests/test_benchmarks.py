@@ -13,7 +13,7 @@ sys.path.insert(0, str(BENCH))
 import memtrace  # noqa: E402
 import stacks  # noqa: E402
 import train_speed  # noqa: E402
-from lib import paramfile  # noqa: E402
+from lib import paramfile, params  # noqa: E402
 from lib.paramcheck import ParamsError  # noqa: E402
 from tests.tiny_model import TINY
 
@@ -308,7 +308,11 @@ def test_other_trainers_start_from_their_own_settings():
     checkpointing, padded batches; --modes is read before transformers is imported (unsloth must come first)."""
     project = {**train_speed.BASELINE, "compute_dtype": "bfloat16", "answer_loss": True, "packing": True}
     liger = train_speed.mode_settings("liger", project)
-    assert liger == {**project, "answer_loss": False, "compile": False}  # its Triton kernels break compile
+    assert liger == {**project, "answer_loss": False, "compile": False, "compile_mode": "default", "cpp_wrapper": False,
+                     "compiled_recompute": 0}  # its Triton kernels break compile; so no setting of compile's
+    fp = paramfile.load("params/taiwan-llama-7b.yaml")["01_finetune"]  # cpp_wrapper, compiled_recompute: 32
+    for mode in ("liger", "project", "baseline", "unsloth"):
+        params.TrainParams(model=TINY, **train_speed.mode_settings(mode, train_speed.project_settings(fp))).check()
     uns = train_speed.mode_settings("unsloth+packing=true", project)
     assert (uns["compute_dtype"], uns["gradient_checkpointing"], uns["answer_loss"], uns["packing"]) == (
         "bfloat16", True, False, True)
