@@ -120,9 +120,7 @@ def idle_gaps(trace, n: int, min_us: float = 20.0, top: int = 12, reach: int = 2
             at = launch.get(e.get("args", {}).get("correlation"))
             host = around(at["tid"], at["ts"]) if at else []
             for table, op in ((inner, host[-1] if host else None), (outer, host[0] if host else None)):
-                name = op["name"][:70] if op else ("(no host op)" if at else "(launch not in the trace)")
-                row = table.setdefault(name, [0.0, 0])
-                row[0], row[1] = row[0] + gap, row[1] + 1
+                _add(table, op["name"][:70] if op else ("(no host op)" if at else "(launch not in the trace)"), gap)
             if at is not None and at["ts"] > end:  # launched after the GPU ran dry
                 late += gap
             else:
@@ -134,15 +132,19 @@ def idle_gaps(trace, n: int, min_us: float = 20.0, top: int = 12, reach: int = 2
     for e in ev:
         if e.get("cat") == "cuda_runtime" and e.get("name") in SYNCS and e.get("dur", 0) > min_us:
             host = around(e["tid"], e["ts"])
-            key = f"{e['name']} in {host[-1]['name'][:60] if host else '?'}"
-            row = blocked.setdefault(key, [0.0, 0])
-            row[0], row[1] = row[0] + e["dur"], row[1] + 1
+            _add(blocked, f"{e['name']} in {host[-1]['name'][:60] if host else '?'}", e["dur"])
     ms = lambda us: round(us / 1000 / n, 3)
     rank = lambda t: [(k, ms(v[0]), round(v[1] / n, 2)) for k, v in sorted(t.items(), key=lambda kv: -kv[1][0])[:top]]
     return {"gpu_span_ms_per_step": ms(end - gpu[0]["ts"]), "idle_ms_per_step": ms(small + big),
             f"in_gaps_over_{min_us:g}us_ms": ms(big), "between_queued_kernels_ms": ms(small),
             "host_late_ms": ms(late), "launched_early_ms": ms(early),
             "by_launching_op": rank(inner), "by_outer_op": rank(outer), "host_blocked": rank(blocked)}
+
+
+def _add(table: dict, key: str, us: float):
+    """One more occurrence of key lasting us: table[key] = [total us, count]."""
+    row = table.setdefault(key, [0.0, 0])
+    row[0], row[1] = row[0] + us, row[1] + 1
 
 
 # host ops that block until the GPU catches up (or that a data-parallel rank's Python makes per tensor)

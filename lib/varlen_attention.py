@@ -42,10 +42,9 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
     q, k, v = (x.transpose(1, 2).reshape(b * t, x.shape[1], d) for x in (query, key, value))
     scale = scaling if scaling is not None else d ** -0.5
     if getattr(module, ONE_OP, False):  # a layer whose recompute is compiled (lib/varlen_op)
-        left = sliding_window - 1 if sliding_window is not None else -1
-        out = torch.ops.cct.varlen_attention(q, k, v, seq_bounds, seq_max, scale, left)[0]
+        out = torch.ops.cct.varlen_attention(q, k, v, seq_bounds, seq_max, scale, sliding_window)[0]
     elif _flash_ok(q):
-        out = _flash(q, k, v, seq_bounds, seq_max, scale, sliding_window)
+        out = _flash(q, k, v, seq_bounds, seq_max, scale, sliding_window)[0]
     else:
         out = _masked(q, k, v, seq_bounds, scale, sliding_window)
     return out.view(b, t, h, d), None
@@ -57,30 +56,38 @@ def _flash_ok(q) -> bool:
     return _WINDOWED and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and d <= 256 and d % 8 == 0
 
 
+def left_of(window) -> int:
+    """The flash kernel's left window: keys at most this far back (-1: all); transformers' `window` counts
+    keys less than it back."""
+    return window - 1 if window is not None else -1
+
+
 def _flash(q, k, v, cu, longest, scale, window):
-    """Causal attention within each sequence (keys fewer than `window` back); the kernel takes GQA as is."""
-    left = window - 1 if window is not None else -1  # transformers' window: keys less than `window` back
-    return _flash_with_lse(q, k, v, cu, longest, scale, left)[0]
-
-
-def _flash_with_lse(q, k, v, cu, longest, scale, left):
-    """The flash kernel's output and log-sum-exp; keys at most `left` back (-1: all)."""
+    """Causal attention within each sequence (keys fewer than `window` back); the kernel takes GQA as is.
+    Returns the output and its log-sum-exp (lib.varlen_op's backward takes it)."""
     cu = cu.to(device=q.device, dtype=torch.int32)
+    left = left_of(window)
     # as torch's varlen_attn calls it: causal is the window (-1, 0); a sliding window is (left, 0)
     out, lse = _FLASH(q, k, v, cu, cu, longest, longest, 0.0, left == -1, False, scale=scale, window_size_left=left,
                       window_size_right=0)[:2]
     return out, lse
 
 
-def _masked(q, k, v, cu, scale, window):
-    """The same attention with SDPA: query i sees key j iff both lie in one sequence and j <= i (< window back)."""
-    pos = torch.arange(q.shape[0], device=q.device)
-    seq = torch.searchsorted(cu.to(q.device)[1:].contiguous(), pos, right=True)  # sequence of each token
-    mask = (seq[:, None] == seq[None, :]) & (pos[None, :] <= pos[:, None])
+def mask(cu, n: int, device, window) -> torch.Tensor:
+    """[n, n]: query i sees key j iff both lie in one sequence (bounds cu) and j <= i (< window back)."""
+    pos = torch.arange(n, device=device)
+    seq = torch.searchsorted(cu.to(device)[1:].contiguous(), pos, right=True)  # sequence of each token
+    m = (seq[:, None] == seq[None, :]) & (pos[None, :] <= pos[:, None])
     if window is not None:
-        mask &= pos[:, None] - pos[None, :] < window
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
-                                         scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+        m &= pos[:, None] - pos[None, :] < window
+    return m
+
+
+def _masked(q, k, v, cu, scale, window):
+    """The same attention with SDPA and mask()."""
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                         attn_mask=mask(cu, q.shape[0], q.device, window), scale=scale,
+                                         enable_gqa=k.shape[1] != q.shape[1])
     return out.transpose(0, 1)
 
 

@@ -260,6 +260,14 @@ def test_compile_mode_reaches_torch_compile_and_needs_compile(monkeypatch):
         params.TrainParams(model=TINY, compile=True, compile_mode="fast").check()
 
 
+def _assert_same_step(loss, g, loss0, g0):
+    """One step's loss and LoRA gradients are the reference step's (float32, compiled code's rounding)."""
+    assert loss == pytest.approx(loss0, rel=1e-5)
+    assert g.keys() == g0.keys() and len(g0) > 0
+    for k in g0:
+        torch.testing.assert_close(g[k], g0[k], rtol=1e-4, atol=1e-6)
+
+
 def test_cpp_wrapper_keeps_loss_and_gradients(tiny):
     """Layers compiled with inductor's C++ launcher train as the plain model does: one step's loss and
     LoRA gradients (the reference: no compilation at all)."""
@@ -268,10 +276,7 @@ def test_cpp_wrapper_keeps_loss_and_gradients(tiny):
     ref = params.TrainParams(model=TINY, compute_dtype="float32", gradient_checkpointing=False)
     _, loss0, g0 = _step(ref, feats, tok)
     _, loss, g = _step(dataclasses.replace(ref, compile=True, cpp_wrapper=True), feats, tok)
-    assert loss == pytest.approx(loss0, rel=1e-5)
-    assert g.keys() == g0.keys() and len(g0) > 0
-    for k in g0:
-        torch.testing.assert_close(g[k], g0[k], rtol=1e-4, atol=1e-6)
+    _assert_same_step(loss, g, loss0, g0)
 
 
 @pytest.mark.parametrize("cpp_wrapper", [False, True])
@@ -289,10 +294,7 @@ def test_compiled_recompute_keeps_the_step_and_runs_each_layer_once(tiny, cpp_wr
     fast, hf, whole = {}, {}, {}
     model, loss, g = _step(dataclasses.replace(ref, compile=True, compiled_recompute=2, cpp_wrapper=cpp_wrapper),
                            feats, tok, fast)
-    assert loss == pytest.approx(loss0, rel=1e-5)
-    assert g.keys() == g0.keys() and len(g0) > 0
-    for k in g0:
-        torch.testing.assert_close(g[k], g0[k], rtol=1e-4, atol=1e-6)
+    _assert_same_step(loss, g, loss0, g0)
     mlp = fast["tokens"] * model.config.intermediate_size  # one MLP activation's numel
     assert fast["calls"] == 2 and mlp not in fast["saved"]  # the tiny model's 2 layers, once each
     if cpp_wrapper:
@@ -313,9 +315,7 @@ def test_compiled_recompute_of_the_first_layers_only(tiny):
     part = {}
     _, loss, g = _step(dataclasses.replace(ref, compile=True, compiled_recompute=1), feats, tok, part)
     assert part["calls"] == 3
-    assert loss == pytest.approx(loss0, rel=1e-5)
-    for k in g0:
-        torch.testing.assert_close(g[k], g0[k], rtol=1e-4, atol=1e-6)
+    _assert_same_step(loss, g, loss0, g0)
     with pytest.raises(ValueError, match="compiled_recompute: 2 is more than the model's 1 checkpointed"):
         trainable.make_trainable(_tiny_nf4(), dataclasses.replace(ref, compile=True, checkpointed_layers=1,
                                                                   compiled_recompute=2))

@@ -52,14 +52,13 @@ def test_one_op_attention_and_its_gradients(window):
     lengths = [5, 3, 2, 6, 4]
     q, k, v = (torch.randn(20, n, 8, dtype=torch.float64, requires_grad=True) for n in (4, 2, 2))
     cu = torch.tensor([0, 5, 8, 10, 16, 20], dtype=torch.int32)
-    left = -1 if window is None else window - 1
-    out = torch.ops.cct.varlen_attention(q, k, v, cu, 6, 0.3, left)[0]
+    out = torch.ops.cct.varlen_attention(q, k, v, cu, 6, 0.3, window)[0]
     ref = _reference(q, k, v, lengths, 0.3, window)
     torch.testing.assert_close(out, ref)
     dout = torch.randn_like(out)
     for g, g_ref in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout)):
         torch.testing.assert_close(g, g_ref)
-    torch.library.opcheck(torch.ops.cct.varlen_attention.default, (q, k, v, cu, 6, 0.3, left))
+    torch.library.opcheck(torch.ops.cct.varlen_attention.default, (q, k, v, cu, 6, 0.3, window))
 
 
 def test_compiled_recompute_keeps_no_attention_output_with_varlen(tiny, tmp_path, monkeypatch):
