@@ -63,6 +63,12 @@ def curve_row(df) -> dict:
     return row
 
 
+def _wait_for_device():
+    """The host waits until the GPU has run what was queued (nothing to wait for on a CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 class CurveCallback(TrainerCallback):
     """Course-metric perplexity on the eval set every eval_steps (and at steps 0 and last).
 
@@ -76,8 +82,8 @@ class CurveCallback(TrainerCallback):
         self.tok, self.records, self.p, self.out = tok, eval_records, p, out
         self.prompts = [prompts.build(r["instruction"], p.template) for r in eval_records]
         self.eval_s = 0.0  # time spent here, so seconds per step can leave it out
-        self.step_s = []  # each optimizer step's seconds, evaluations and checkpoint saves left out
-        self._t = None
+        self.step_s = []  # each optimizer step's seconds, end to end, evaluations and checkpoint saves left out
+        self._t = None  # when the last step (or evaluation, or save) ended
 
     def _score(self, model):
         """Per-example scores of the eval set; under DDP each process scores every world-th record and
@@ -112,26 +118,38 @@ class CurveCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kw):
         if state.global_step == 0:
             self._evaluate(model, state)
+        self._t = time.perf_counter()
 
     def on_log(self, args, state, control, logs=None, **kw):
         logs = logs or {}
         check_finite(state.global_step, {k: logs.get(k) for k in ("loss", "grad_norm")})
 
-    def steady_s_per_step(self, warm_up: int = 10) -> float | None:
+    WARM_UP = 10  # steps of compilation before the steady pace
+
+    def steady_s_per_step(self, warm_up: int = WARM_UP) -> float | None:
         """The mean step after the first warm_up (compilation): the host may run a few steps ahead of the
         GPU and wait at the next sync (a logged loss), so single steps - and their median - can show the
         host's pace; over many steps the mean is the pace of both."""
         steady = self.step_s[warm_up:] if len(self.step_s) > warm_up else self.step_s
         return sum(steady) / len(steady) if steady else None
 
-    def on_step_begin(self, args, state, control, **kw):
-        self._t = time.perf_counter()
+    def on_save(self, args, state, control, **kw):
+        self._t = time.perf_counter()  # a checkpoint's save is not the next step's time
 
     def on_step_end(self, args, state, control, model=None, **kw):
+        # A step's time runs from the end of the one before, so it holds what the Trainer does between
+        # steps too: fetching and copying the batches, a logged loss's wait for the GPU. Timed from the
+        # step's start instead, a step that never waited for the GPU looked as fast as its host (a run
+        # without syncs waits at the log, outside that window). Where the mean's window starts and where
+        # an evaluation starts, the GPU's queued work is waited for, so it counts in the steps that queued it.
+        evaluate = state.global_step % self.p.eval_steps == 0 or state.global_step == state.max_steps
+        if evaluate or len(self.step_s) + 1 == self.WARM_UP:
+            _wait_for_device()
         if self._t is not None:
             self.step_s.append(time.perf_counter() - self._t)
-        if state.global_step % self.p.eval_steps == 0 or state.global_step == state.max_steps:
+        if evaluate:
             self._evaluate(model, state)
+        self._t = time.perf_counter()
 
 
 def answer_loss(model, input_ids, labels, attention_mask=None, position_ids=None, num_items_in_batch=None,

@@ -348,10 +348,13 @@ def test_step_times_leave_evaluations_out(tmp_path):
     from lib.trainer import CurveCallback
 
     cb = CurveCallback(None, [], tiny_params(eval_steps=1), tmp_path)
-    cb._evaluate = lambda model, state: time.sleep(0.3)  # a slow evaluation after every step
+    cb._evaluate = lambda model, state: time.sleep(0.3)  # a slow evaluation at step 0 and after every step
+    cb.on_train_begin(None, SimpleNamespace(global_step=0), None)
     for step in (1, 2, 3):
-        cb.on_step_begin(None, None, None)
-        time.sleep(0.02)
+        if step == 2:
+            time.sleep(0.3)
+            cb.on_save(None, None, None)  # a checkpoint's save after step 1 is not step 2's time
+        time.sleep(0.02)  # the step, and what the Trainer does between steps (fetching the batch)
         cb.on_step_end(None, SimpleNamespace(global_step=step, max_steps=3), None)
     assert len(cb.step_s) == 3 and all(0.02 <= s < 0.2 for s in cb.step_s)
 
