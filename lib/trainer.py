@@ -250,9 +250,6 @@ def training_args(p, out: Path, n_train: int) -> TrainingArguments:
         eval_strategy="no", report_to="none", seed=p.seed, data_seed=p.seed, bf16=bf16,
         use_cpu=(device_for(p.device) == "cpu"), remove_unused_columns=False,
         dataloader_num_workers=0, disable_tqdm=False, save_only_model=False,
-        # batches go to the GPU from pinned memory without the host waiting: a blocking copy is a sync with
-        # the GPU at every micro-batch, where each DDP rank's host also waits for the other's all-reduce
-        dataloader_pin_memory=True, accelerator_config={"non_blocking": True},
         ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient; the search costs a pass
         ddp_broadcast_buffers=False if p.ddp_lean else None,
         train_sampling_strategy=sampling_strategy(p),

@@ -431,17 +431,3 @@ def test_a_diverging_run_stops_with_the_step_and_keeps_its_checkpoints(tmp_path,
     assert best and all(torch.isfinite(t).all() for t in best.values())
     assert not (tmp_path / "summary.json").exists()
     assert issubclass(trainer.TrainingDiverged, cli.USER_ERRORS)  # one line in lib.train, not a traceback
-
-
-def test_batches_reach_the_device_without_a_blocking_copy(tmp_path):
-    """The training dataloader accelerate prepares copies each batch to the device with non_blocking (from
-    pinned memory): a blocking copy makes the host wait for the GPU at every micro-batch."""
-    from lib import trainable
-    from lib.trainer import make_trainer
-
-    p = tiny_params(lora_r=8)
-    model, tok = trainable.build(p)
-    feats, _, _ = collate.encode_examples(tok, data.load_split("data/sample", "train", limit=8), "course", 2048)
-    t = make_trainer(model, tok, feats, [], p, tmp_path, collate.collator(p, tok))
-    loader = t.get_train_dataloader()
-    assert loader._non_blocking is True  # (HF leaves pin_memory off on a machine without a GPU)
