@@ -78,6 +78,8 @@ class CurveCallback(TrainerCallback):
     hung the next checkpoint save in a 2-process run); the main process alone writes files.
     """
 
+    WARM_UP = 10  # steps of compilation before the steady pace
+
     def __init__(self, tok, eval_records, p, out: Path):
         self.tok, self.records, self.p, self.out = tok, eval_records, p, out
         self.prompts = [prompts.build(r["instruction"], p.template) for r in eval_records]
@@ -124,8 +126,6 @@ class CurveCallback(TrainerCallback):
         logs = logs or {}
         check_finite(state.global_step, {k: logs.get(k) for k in ("loss", "grad_norm")})
 
-    WARM_UP = 10  # steps of compilation before the steady pace
-
     def steady_s_per_step(self, warm_up: int = WARM_UP) -> float | None:
         """The mean step after the first warm_up (compilation): the host may run a few steps ahead of the
         GPU and wait at the next sync (a logged loss), so single steps - and their median - can show the
@@ -145,8 +145,7 @@ class CurveCallback(TrainerCallback):
         evaluate = state.global_step % self.p.eval_steps == 0 or state.global_step == state.max_steps
         if evaluate or len(self.step_s) + 1 == self.WARM_UP:
             _wait_for_device()
-        if self._t is not None:
-            self.step_s.append(time.perf_counter() - self._t)
+        self.step_s.append(time.perf_counter() - self._t)  # _t: set at train begin, after each step and save
         if evaluate:
             self._evaluate(model, state)
         self._t = time.perf_counter()

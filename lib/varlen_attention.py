@@ -56,21 +56,20 @@ def _flash_ok(q) -> bool:
     return _WINDOWED and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and d <= 256 and d % 8 == 0
 
 
-def left_of(window) -> int:
-    """The flash kernel's left window: keys at most this far back (-1: all); transformers' `window` counts
+def kernel_bounds(q, cu, window) -> tuple[torch.Tensor, int]:
+    """What the flash kernels (forward and backward) take for the bounds and the window: cu as int32 on q's
+    device, and the left window, keys at most this far back (-1: all), where transformers' `window` counts
     keys less than it back."""
-    return window - 1 if window is not None else -1
+    return cu.to(device=q.device, dtype=torch.int32), window - 1 if window is not None else -1
 
 
 def _flash(q, k, v, cu, longest, scale, window):
     """Causal attention within each sequence (keys fewer than `window` back); the kernel takes GQA as is.
     Returns the output and its log-sum-exp (lib.varlen_op's backward takes it)."""
-    cu = cu.to(device=q.device, dtype=torch.int32)
-    left = left_of(window)
+    cu, left = kernel_bounds(q, cu, window)
     # as torch's varlen_attn calls it: causal is the window (-1, 0); a sliding window is (left, 0)
-    out, lse = _FLASH(q, k, v, cu, cu, longest, longest, 0.0, left == -1, False, scale=scale, window_size_left=left,
-                      window_size_right=0)[:2]
-    return out, lse
+    return _FLASH(q, k, v, cu, cu, longest, longest, 0.0, left == -1, False, scale=scale, window_size_left=left,
+                  window_size_right=0)[:2]
 
 
 def mask(cu, n: int, device, window) -> torch.Tensor:

@@ -40,7 +40,7 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
              window: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of q, k, v: the flash kernel's backward, or the masked attention's by formula."""
     if va._flash_ok(q):
-        cu, left = cu.to(device=q.device, dtype=torch.int32), va.left_of(window)
+        cu, left = va.kernel_bounds(q, cu, window)
         rng, unused = torch.zeros(2, dtype=torch.uint64, device=q.device), q.new_empty(0)  # no dropout: no state
         return torch.ops.aten._flash_attention_backward(
             dout.contiguous(), q, k, v, out, lse, cu, cu, longest, longest, 0.0, left == -1, rng, unused,
