@@ -49,6 +49,11 @@ class PadCollator:
         return {"input_ids": ids, "labels": labels, "attention_mask": attn}
 
 
+# cuda_graphs: rows padded to a multiple of this many tokens. The course's 8-record micro-batches span
+# ~500-3,000 tokens: about ten widths, so ten graphs, for ~8% of pad tokens on average
+GRAPH_MULTIPLE = 256
+
+
 class PackCollator:
     """Padding-free rows: the micro-batch's sequences laid end to end, positions restarting at 0.
 
@@ -61,7 +66,7 @@ class PackCollator:
     carry label IGNORE.
     """
 
-    def __init__(self, pad_id=0, row_tokens=512, multiple=8, bounds=False, answers=False):
+    def __init__(self, pad_id=0, row_tokens=512, multiple=8, bounds=False, answers=False, graphs=False):
         # widths rounded up to a multiple of 8: a compiled model specializes on width % 8 and would
         # otherwise recompile (tens of seconds each) whenever a batch's width changes that remainder
         self.pad_id, self.row_tokens, self.multiple = pad_id, row_tokens, multiple
@@ -72,6 +77,12 @@ class PackCollator:
         self.bounds, self.answers = bounds, answers
         if bounds:
             self.row_tokens = float("inf")
+        # graphs (cuda_graphs): a CUDA graph is recorded for each shape its inputs take, so the row is padded
+        # to a multiple of GRAPH_MULTIPLE and seq_max is the row's width (an upper bound the flash kernel
+        # takes; a value of its own would record a graph for each longest sequence)
+        self.graphs = graphs
+        if graphs:
+            self.multiple = GRAPH_MULTIPLE
 
     def rows(self, lengths) -> list[list[int]]:
         """Indices of the sequences in each row."""
@@ -105,6 +116,8 @@ class PackCollator:
         out = {"input_ids": ids, "labels": labels, "position_ids": pos}
         if self.bounds:
             out.update(boundaries(pos))
+            if self.graphs:
+                out["seq_max"] = width
         if self.answers:
             out["answer_index"] = scored(labels).flatten().nonzero().squeeze(1)
         return out
@@ -123,4 +136,5 @@ def collator(p, tok):
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     if not p.packing:
         return PadCollator(pad)
-    return PackCollator(pad, p.pack_tokens, bounds=p.varlen_attention, answers=p.varlen_attention and p.answer_loss)
+    return PackCollator(pad, p.pack_tokens, bounds=p.varlen_attention, answers=p.varlen_attention and p.answer_loss,
+                        graphs=p.cuda_graphs)

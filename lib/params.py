@@ -129,7 +129,7 @@ class OptimParams:
 
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # torch.compile's modes that train here
 # settings that mean something only with compile: true (an error without it)
-COMPILE_ONLY = ("compile_mode", "cpp_wrapper", "compiled_recompute")
+COMPILE_ONLY = ("compile_mode", "cpp_wrapper", "compiled_recompute", "cuda_graphs")
 # torch.compile's CUDA-graph modes, measured on an H100 (benchmarks/README.md) with the layers compiled one by
 # one: under gradient checkpointing the recomputed forward overwrote outputs the backward still needed; without
 # it, every layer after the first ran eagerly ("pending, uninvoked backwards") and the process crashed
@@ -172,6 +172,12 @@ class SpeedParams:
     # at 16 x 1: all 32 of the 7B's trained 1.07-1.09x as fast at +1.04 GiB on an H100; with varlen_attention
     # the attention is an untagged op (lib/varlen_op), recomputed, no memory added (benchmarks/README.md)
     compiled_recompute: int = 0
+    # the whole decoder compiled as one graph and replayed as CUDA graphs (torch.compile's reduce-overhead):
+    # the host launches a recorded graph a micro-batch instead of its ~3,300 kernels one by one, so a step the
+    # host bounds (the 1.5B's LoRA) runs at the GPU's pace. A micro-batch's row is padded to a multiple of
+    # GRAPH_MULTIPLE tokens (one graph recorded for each width met). Needs varlen_attention (no mask, no
+    # host-GPU sync in the forward) and no gradient checkpointing; replaces compiling the layers one by one
+    cuda_graphs: bool = False
     lean_nf4: bool = False  # 4-bit layers without bitsandbytes' Python wrappers (lib/nf4.py): same products
     # the LoRA projections that read the same input (q/k/v, gate/up) computed as one group in training: one base
     # matmul and one x @ A a group, fewer launches and thin matmuls (lib/fused_projections.py); same sums
@@ -223,6 +229,8 @@ class SpeedParams:
         if self.varlen_attention and self.pack_tokens != SpeedParams.pack_tokens:
             raise ParamsError("pack_tokens is the row length under a mask; with varlen_attention a micro-batch is "
                               "one row: leave pack_tokens out")
+        if self.cuda_graphs:
+            _graphable(self)
         if self.balance_ranks and self.group_by_length:
             raise ParamsError("balance_ranks and group_by_length exclude each other (both choose the batches)")
         if self.fuse_projections:
@@ -233,6 +241,19 @@ class SpeedParams:
             per_process_accum(self.grad_accum, self.num_processes)
         except ValueError as e:
             raise ParamsError(str(e)) from None
+
+
+def _graphable(p):
+    """cuda_graphs' conditions: a forward without host-GPU syncs or masks, one graph from input to output."""
+    if not p.varlen_attention:
+        raise ParamsError("cuda_graphs needs varlen_attention: true (transformers' packed mask syncs host and GPU "
+                          "inside the forward, which a CUDA graph cannot hold)")
+    if p.gradient_checkpointing:
+        raise ParamsError("cuda_graphs needs gradient_checkpointing: false (the recomputed forward would replay "
+                          "a graph whose outputs the backward still reads)")
+    if p.compile_mode != SpeedParams.compile_mode or p.cpp_wrapper:
+        raise ParamsError("cuda_graphs compiles the decoder in torch's reduce-overhead mode: leave compile_mode "
+                          "and cpp_wrapper out")
 
 
 def _fusable(p):

@@ -10,6 +10,7 @@
   is bound by kernel launches and Python, not FLOPs.
 - checkpoint_only: gradient checkpointing on some layers, not all: memory traded for recomputation.
 - recompute_in_compiled: a checkpointed layer's recompute moved into its compiled backward.
+- compile_decoder: the whole decoder as one graph replayed as CUDA graphs: the host launches one graph.
 """
 import torch
 import torch.nn.functional as F
@@ -61,8 +62,7 @@ def prepare_frozen(model, gradient_checkpointing: bool):
 
 
 def decoder_layers(model):
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_decoder().layers
+    return _decoder(model).layers
 
 
 def checkpoint_only(model, n: int) -> None:
@@ -85,9 +85,15 @@ def eager():
 
 
 def uncompile(model):
-    """Undo compile_layers (after training: predictions and later use run eagerly)."""
+    """Undo compile_layers or compile_decoder (after training: predictions and later use run eagerly)."""
     for layer in decoder_layers(model):
         layer._compiled_call_impl = None
+    _decoder(model)._compiled_call_impl = None
+
+
+def _decoder(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder()
 
 
 def _save_random_ops(ctx, op, *args, **kwargs):
@@ -147,3 +153,18 @@ def compile_layers(model, mode: str = "default", cpp_wrapper: bool = False, comp
     for layer in layers:
         layer.compile(dynamic=True, **kw)
     return len(layers)
+
+
+def compile_decoder(model) -> None:
+    """torch.compile the whole decoder (embeddings to final norm) as one graph replayed as CUDA graphs
+    (cuda_graphs): one launch a micro-batch and shape, where compile_layers' host launches each kernel.
+
+    The layers compiled one by one cannot do this: they share one compiled function, whose CUDA graph is
+    replayed again before the backward of its first call has run (measured: torch ran every later layer
+    eagerly, then crashed). Floats (RMSNorm's eps, LoRA's scale) stay constants in the graph: under
+    dynamic shapes torch makes them 0-d CPU inputs, which split the graph around the CPU. Process-wide.
+    """
+    import torch._dynamo
+
+    torch._dynamo.config.specialize_float = True
+    _decoder(model).compile(mode="reduce-overhead", dynamic=True)

@@ -13,7 +13,9 @@ def make_trainable(model, p):
         fused_projections.fuse_projections(model)
     if p.checkpointed_layers:  # params refuse it without gradient_checkpointing
         speedups.checkpoint_only(model, p.checkpointed_layers)
-    if p.compile:
+    if p.cuda_graphs:
+        speedups.compile_decoder(model)
+    elif p.compile:
         speedups.compile_layers(model, p.compile_mode, p.cpp_wrapper, p.compiled_recompute)
     return model
 

@@ -182,10 +182,36 @@ class BalancedTrainer(Trainer):
                                        rank=s.rank, drop_last=s.drop_last)
         return s
 
+    cuda_graphs = False  # SpeedParams.cuda_graphs; configure sets it from the recipe
+
     def training_step(self, model, inputs, *args, **kwargs):
+        fresh = self.cuda_graphs and self.args.gradient_accumulation_steps > 1 and _no_grads(self.model)
         # a batch with the sequences' bounds (varlen_attention) trains with that attention, backward included
         with varlen_attention.training(self.model, "seq_bounds" in inputs):
-            return super().training_step(model, inputs, *args, **kwargs)
+            loss = super().training_step(model, inputs, *args, **kwargs)
+        if fresh:
+            _grads_out_of_graph_memory(self.model)
+        return loss
+
+
+def _trained(model) -> list:
+    return [x for x in model.parameters() if x.requires_grad]
+
+
+def _no_grads(model) -> bool:
+    return all(x.grad is None for x in _trained(model))
+
+
+def _grads_out_of_graph_memory(model) -> None:
+    """The first micro-batch's gradients copied out of the CUDA graphs' memory (cuda_graphs, accumulating).
+    With no .grad yet, autograd keeps the compiled backward's output tensors as the gradients; the next
+    micro-batch's replay writes over that memory (torch raises when they are read). Copied, later micro-batches
+    add into them; one step without accumulation reads them before any replay, so it copies nothing."""
+    params = [x for x in _trained(model) if x.grad is not None]
+    grads = [torch.empty_like(x.grad) for x in params]
+    torch._foreach_copy_(grads, [x.grad for x in params])
+    for x, g in zip(params, grads):
+        x.grad = g
 
 
 class AnswerLossTrainer(BalancedTrainer):
@@ -300,6 +326,7 @@ def make_trainer(model, tok, feats, eval_records, p, out: Path, collator) -> Tra
 def configure(trainer, p):
     """The recipe's settings a Trainer cannot take as arguments (also for benchmarks/train_speed.py)."""
     trainer.head_loss = p.head_loss  # used by AnswerLossTrainer only
+    trainer.cuda_graphs = p.cuda_graphs
     if p.varlen_attention and not (trainer.args.device.type == "cuda" and p.compute_dtype != "float32"):
         warnings.warn("varlen_attention runs the flash kernel on a CUDA GPU in bf16/fp16 only; here it attends "
                       "through a mask over the micro-batch's whole row (the same numbers, slower than packing "

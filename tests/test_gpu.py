@@ -168,6 +168,58 @@ def test_varlen_training_step_on_gpu(tmp_path, speed):
     assert calls == 4 if not speed else calls > 0  # 2 layers, forward and recompute; compiled: when traced
 
 
+def _trained_deltas(p, tmp_path, steps=4):
+    """LoRA weights' change over `steps` optimizer steps of the Trainer (bf16, 2 micro-batches of 2
+    records a step) and the logged losses."""
+    from lib import collate, trainable
+    from lib.trainer import make_trainer
+
+    tok = models.load_tokenizer(TINY)
+    feats = collate.encode_examples(tok, data.load_split("data/sample", "train", limit=4 * steps), "course", 2048)[0]
+    torch.manual_seed(0)
+    model = trainable.make_trainable(models.load_model(TINY, "none", "bfloat16", "cuda"), p)
+    w0 = {n: w.detach().float().clone() for n, w in model.named_parameters() if w.requires_grad}
+    trainer = make_trainer(model, tok, feats, data.load_split("data/sample", "public_test", limit=2), p, tmp_path,
+                           collate.collator(p, tok))
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {n: w.detach().float() - w0[n] for n, w in model.named_parameters() if w.requires_grad}, losses
+
+
+def _apart(a, b) -> float:
+    """How far two sets of weight changes are: the mean absolute difference over the mean absolute change."""
+    return (sum((a[k] - b[k]).abs().sum() for k in a) / sum(b[k].abs().sum() for k in b)).item()
+
+
+def test_cuda_graphs_train_as_the_plain_step(tmp_path, monkeypatch):
+    """cuda_graphs (the whole decoder one compiled graph, replayed as CUDA graphs; rows padded) trains four
+    steps of two accumulated micro-batches as the uncompiled varlen step does, and the graphs were replayed,
+    not skipped. Without copying the first micro-batch's gradients out of the graphs' memory the second
+    replay writes over them: torch raises, or the weights go elsewhere (the test can fail)."""
+    from torch._dynamo.utils import counters
+
+    from lib import params, trainer
+
+    monkeypatch.setattr(torch._dynamo.config, "specialize_float", torch._dynamo.config.specialize_float)
+    kw = dict(model=TINY, quantization="none", compute_dtype="bfloat16", packing=True, varlen_attention=True,
+              gradient_checkpointing=False, micro_batch_size=2, grad_accum=2, max_steps=4, logging_steps=1,
+              eval_steps=1000, save_steps=0, learning_rate=1e-3, lr_scheduler="constant")
+    plain, plain_losses = _trained_deltas(params.TrainParams(**kw), tmp_path / "plain")
+    counters.clear()
+    graphs, losses = _trained_deltas(params.TrainParams(**kw, compile=True, cuda_graphs=True), tmp_path / "graphs")
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    assert losses == pytest.approx(plain_losses, rel=1e-2)
+    assert _apart(graphs, plain) < 0.1
+    monkeypatch.setattr(trainer, "_grads_out_of_graph_memory", lambda model: None)
+    torch._dynamo.reset()
+    try:
+        broken, _ = _trained_deltas(params.TrainParams(**kw, compile=True, cuda_graphs=True), tmp_path / "broken")
+    except RuntimeError as e:
+        assert "overwritten" in str(e)
+    else:
+        assert _apart(broken, plain) > 0.3
+
+
 def test_varlen_answer_loss_never_waits_for_the_gpu():
     """With varlen_attention and the collator's answer positions, a training micro-batch's forward and
     backward (bf16 LoRA, eager) make no host-GPU sync, so the host can queue the backward while the GPU

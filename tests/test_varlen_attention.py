@@ -107,6 +107,17 @@ def test_collator_hands_over_every_sequences_bounds():
     assert batch["position_ids"][0].tolist() == list(range(6)) + list(range(4)) + list(range(3)) + list(range(3))
 
 
+def test_collator_pads_to_few_shapes_for_cuda_graphs():
+    """cuda_graphs: the row padded to a multiple of GRAPH_MULTIPLE and seq_max the row's width, so a
+    micro-batch's shapes take few values (a CUDA graph is recorded for each); the pad tail its own sequence."""
+    coll = collate.PackCollator(0, bounds=True, graphs=True)
+    m = collate.GRAPH_MULTIPLE
+    batch = coll([{"input_ids": [1] * n, "labels": [1] * n} for n in [6, 4, 3]])
+    assert batch["input_ids"].shape == (1, m) and batch["seq_max"] == m
+    assert batch["seq_bounds"].tolist() == [0, 6, 10, 13, m]
+    assert coll([{"input_ids": [1] * n, "labels": [1] * n} for n in [m, 1]])["input_ids"].shape == (1, 2 * m)
+
+
 def test_collator_hands_over_the_answer_positions():
     """With the answer-only loss: the flat positions whose next label is an answer token (never a
     sequence's last position, whose next token is the next sequence's prompt)."""
@@ -264,7 +275,40 @@ def _forward_only_switch(model, on):
         evaluate.token_nll = loss_call
 
 
+def test_cuda_graphs_step_is_the_varlen_one(tiny, tmp_path):
+    """cuda_graphs: the whole decoder compiled as one graph (on CPU torch compiles without the CUDA graphs)
+    and the row padded: the Trainer's step has the loss and LoRA gradients of the plain varlen step, and the
+    decoder ran its compiled code (the CUDA graphs themselves: tests/test_gpu.py)."""
+    base = params.TrainParams(model=TINY, quantization="none", compute_dtype="float32", packing=True,
+                              varlen_attention=True, gradient_checkpointing=False, eval_steps=1000, save_steps=0)
+    feats = collate.encode_examples(tiny[2], data.load_split("data/sample", "train", limit=4), "course", 2048)[0]
+    loss0, g0 = _trainer_step(base, feats, tiny[2], tmp_path / "a")
+    calls = []
+    compile_decoder = speedups.compile_decoder
+
+    def counted(model):
+        compile_decoder(model)
+        dec = speedups._decoder(model)
+        run = dec._compiled_call_impl
+        dec._compiled_call_impl = lambda *a, **kw: calls.append(1) or run(*a, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(speedups, "compile_decoder", counted)
+        mp.setattr(torch._dynamo.config, "specialize_float", torch._dynamo.config.specialize_float)  # restored after
+        p = dataclasses.replace(base, compile=True, cuda_graphs=True)
+        loss, g = _trainer_step(p, feats, tiny[2], tmp_path / "b")
+    assert calls and collate.collator(p, tiny[2])(feats)["input_ids"].shape[1] % collate.GRAPH_MULTIPLE == 0
+    assert loss == pytest.approx(loss0, rel=1e-5)
+    for k in g0:
+        torch.testing.assert_close(g[k], g0[k], rtol=1e-4, atol=1e-5 * g0[k].abs().max().item())
+
+
 @pytest.mark.parametrize("kw, match", [
+    (dict(compile=True, cuda_graphs=True, packing=True), "needs varlen_attention"),
+    (dict(compile=True, cuda_graphs=True, packing=True, varlen_attention=True), "gradient_checkpointing: false"),
+    (dict(compile=True, cuda_graphs=True, packing=True, varlen_attention=True, gradient_checkpointing=False,
+          cpp_wrapper=True), "leave compile_mode"),
+    (dict(cuda_graphs=True, packing=True, varlen_attention=True, gradient_checkpointing=False), "needs compile"),
     (dict(varlen_attention=True), "needs packing: true"),
     (dict(varlen_attention=True, packing=True, pack_tokens=1024), "leave pack_tokens out"),
 ])
