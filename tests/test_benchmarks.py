@@ -309,7 +309,7 @@ def test_other_trainers_start_from_their_own_settings():
     project = {**train_speed.BASELINE, "compute_dtype": "bfloat16", "answer_loss": True, "packing": True}
     liger = train_speed.mode_settings("liger", project)
     assert liger == {**project, "answer_loss": False, "compile": False, "compile_mode": "default", "cpp_wrapper": False,
-                     "compiled_recompute": 0}  # its Triton kernels break compile; so no setting of compile's
+                     "compiled_recompute": 0, "cuda_graphs": False}  # its Triton kernels break compile; so no setting of compile's
     fp = paramfile.load("params/taiwan-llama-7b.yaml")["01_finetune"]  # cpp_wrapper, compiled_recompute: 32
     for mode in ("liger", "project", "baseline", "unsloth"):
         params.TrainParams(model=TINY, **train_speed.mode_settings(mode, train_speed.project_settings(fp))).check()
