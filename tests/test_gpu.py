@@ -200,24 +200,24 @@ def test_cuda_graphs_train_as_the_plain_step(tmp_path, monkeypatch):
 
     from lib import params, trainer
 
-    monkeypatch.setattr(torch._dynamo.config, "specialize_float", torch._dynamo.config.specialize_float)
     kw = dict(model=TINY, quantization="none", compute_dtype="bfloat16", packing=True, varlen_attention=True,
               gradient_checkpointing=False, micro_batch_size=2, grad_accum=2, max_steps=4, logging_steps=1,
               eval_steps=1000, save_steps=0, learning_rate=1e-3, lr_scheduler="constant")
     plain, plain_losses = _trained_deltas(params.TrainParams(**kw), tmp_path / "plain")
-    counters.clear()
-    graphs, losses = _trained_deltas(params.TrainParams(**kw, compile=True, cuda_graphs=True), tmp_path / "graphs")
-    assert counters["inductor"]["cudagraph_skips"] == 0
-    assert losses == pytest.approx(plain_losses, rel=1e-2)
-    assert _apart(graphs, plain) < 0.1
-    monkeypatch.setattr(trainer, "_grads_out_of_graph_memory", lambda model: None)
-    torch._dynamo.reset()
-    try:
-        broken, _ = _trained_deltas(params.TrainParams(**kw, compile=True, cuda_graphs=True), tmp_path / "broken")
-    except RuntimeError as e:
-        assert "overwritten" in str(e)
-    else:
-        assert _apart(broken, plain) > 0.3
+    with torch._dynamo.config.patch(specialize_float=False):  # compile_decoder's process-wide setting, undone
+        counters.clear()
+        graphs, losses = _trained_deltas(params.TrainParams(**kw, compile=True, cuda_graphs=True), tmp_path / "graphs")
+        assert counters["inductor"]["cudagraph_skips"] == 0
+        assert losses == pytest.approx(plain_losses, rel=1e-2)
+        assert _apart(graphs, plain) < 0.1
+        monkeypatch.setattr(trainer, "_grads_out_of_graph_memory", lambda model: None)
+        torch._dynamo.reset()
+        try:
+            broken, _ = _trained_deltas(params.TrainParams(**kw, compile=True, cuda_graphs=True), tmp_path / "broken")
+        except RuntimeError as e:
+            assert "overwritten" in str(e)
+        else:
+            assert _apart(broken, plain) > 0.3
 
 
 def test_varlen_answer_loss_never_waits_for_the_gpu():

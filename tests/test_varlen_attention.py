@@ -292,15 +292,44 @@ def test_cuda_graphs_step_is_the_varlen_one(tiny, tmp_path):
         run = dec._compiled_call_impl
         dec._compiled_call_impl = lambda *a, **kw: calls.append(1) or run(*a, **kw)
 
-    with pytest.MonkeyPatch.context() as mp:
+    # torch's config restored by its own patch (pytest's monkeypatch deletes what it did not find in __dict__)
+    with pytest.MonkeyPatch.context() as mp, torch._dynamo.config.patch(specialize_float=False):
         mp.setattr(speedups, "compile_decoder", counted)
-        mp.setattr(torch._dynamo.config, "specialize_float", torch._dynamo.config.specialize_float)  # restored after
         p = dataclasses.replace(base, compile=True, cuda_graphs=True)
         loss, g = _trainer_step(p, feats, tiny[2], tmp_path / "b")
     assert calls and collate.collator(p, tiny[2])(feats)["input_ids"].shape[1] % collate.GRAPH_MULTIPLE == 0
     assert loss == pytest.approx(loss0, rel=1e-5)
     for k in g0:
         torch.testing.assert_close(g[k], g0[k], rtol=1e-4, atol=1e-5 * g0[k].abs().max().item())
+
+
+@pytest.mark.parametrize("accum, copies", [(2, [True, False]), (1, [False, False])])
+def test_cuda_graphs_copy_gradients_only_before_a_later_micro_batch(tiny, tmp_path, monkeypatch, accum, copies):
+    """cuda_graphs: the first micro-batch of an accumulating step has its gradients copied out of the graphs'
+    memory (the next replay writes there; tests/test_gpu.py shows it matters), later ones add into the copies,
+    and a step of one micro-batch copies nothing (its optimizer reads them before any replay)."""
+    from lib import trainer as trainer_module
+
+    p = params.TrainParams(model=TINY, quantization="none", compute_dtype="float32", packing=True, compile=True,
+                           cuda_graphs=True, varlen_attention=True, gradient_checkpointing=False, eval_steps=1000,
+                           save_steps=0, grad_accum=accum)
+    tok = tiny[2]
+    feats = collate.encode_examples(tok, data.load_split("data/sample", "train", limit=4), "course", 2048)[0]
+    model = trainable.make_trainable(models.load_model(TINY, "none", "float32"), p)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = make_trainer(model, tok, feats, [], p, tmp_path, collate.collator(p, tok))
+    calls, copy = [], trainer_module._grads_out_of_graph_memory
+    monkeypatch.setattr(trainer_module, "_grads_out_of_graph_memory", lambda m: calls.append(1) or copy(m))
+    batch = collate.collator(p, tok)(feats)
+    seen = []
+    with torch._dynamo.config.patch(specialize_float=False):  # compile_decoder's setting, undone after
+        for _ in copies:
+            before = len(calls)
+            t.training_step(model.train(), dict(batch), num_items_in_batch=torch.tensor(100))
+            seen.append(len(calls) > before)
+    assert seen == copies
+    assert all(w.grad is not None for w in model.parameters() if w.requires_grad)
 
 
 @pytest.mark.parametrize("kw, match", [
