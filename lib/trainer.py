@@ -174,6 +174,8 @@ class BalancedTrainer(Trainer):
     """HF's Trainer whose balance_ranks sampler splits by tokens (lib.sampler: HF's splits padded cost) and
     shuffles by the run's seed (HF builds it with its default, 42, whatever `seed` says)."""
 
+    cuda_graphs = False  # SpeedParams.cuda_graphs; configure sets it from the recipe
+
     def _get_train_sampler(self, train_dataset=None):
         s = super()._get_train_sampler(train_dataset)
         if isinstance(s, BatchRebalanceSampler):
@@ -181,8 +183,6 @@ class BalancedTrainer(Trainer):
             s = PackedRebalanceSampler(s.lengths, s.effective_batch_size, s.dp_size, s.grad_accum, seed=seed,
                                        rank=s.rank, drop_last=s.drop_last)
         return s
-
-    cuda_graphs = False  # SpeedParams.cuda_graphs; configure sets it from the recipe
 
     def training_step(self, model, inputs, *args, **kwargs):
         fresh = self.cuda_graphs and self.args.gradient_accumulation_steps > 1 and _no_grads(self.model)
@@ -205,8 +205,9 @@ def _no_grads(model) -> bool:
 def _grads_out_of_graph_memory(model) -> None:
     """The first micro-batch's gradients copied out of the CUDA graphs' memory (cuda_graphs, accumulating).
     With no .grad yet, autograd keeps the compiled backward's output tensors as the gradients; the next
-    micro-batch's replay writes over that memory (torch raises when they are read). Copied, later micro-batches
-    add into them; one step without accumulation reads them before any replay, so it copies nothing."""
+    micro-batch's replay writes over that memory (torch raises, or the sums go wrong: tests/test_gpu.py).
+    Copied, later micro-batches add into them; one step without accumulation reads them before any replay,
+    so it copies nothing."""
     params = [x for x in _trained(model) if x.grad is not None]
     grads = [torch.empty_like(x.grad) for x in params]
     torch._foreach_copy_(grads, [x.grad for x in params])
