@@ -332,6 +332,9 @@ def configure(trainer, p):
         warnings.warn("varlen_attention runs the flash kernel on a CUDA GPU in bf16/fp16 only; here it attends "
                       "through a mask over the micro-batch's whole row (the same numbers, slower than packing "
                       "alone): turn it off", stacklevel=2)
+    if p.cuda_graphs and trainer.args.device.type != "cuda":
+        warnings.warn("cuda_graphs replays CUDA graphs on a GPU only; here torch compiles the whole decoder without "
+                      "them (longer to compile than layer by layer, no faster): turn it off", stacklevel=2)
     if p.ddp_lean:
         if trainer.accelerator.ddp_handler is not None:
             # HF's arguments have no gradient_as_bucket_view; accelerate reads the handler when train() wraps

@@ -307,7 +307,8 @@ def test_cuda_graphs_step_is_the_varlen_one(tiny, tmp_path):
 def test_cuda_graphs_copy_gradients_only_before_a_later_micro_batch(tiny, tmp_path, monkeypatch, accum, copies):
     """cuda_graphs: the first micro-batch of an accumulating step has its gradients copied out of the graphs'
     memory (the next replay writes there; tests/test_gpu.py shows it matters), later ones add into the copies,
-    and a step of one micro-batch copies nothing (its optimizer reads them before any replay)."""
+    and a step of one micro-batch copies nothing (its optimizer reads them before any replay). On a CPU the
+    Trainer says that cuda_graphs only compiles there."""
     from lib import trainer as trainer_module
 
     p = params.TrainParams(model=TINY, quantization="none", compute_dtype="float32", packing=True, compile=True,
@@ -316,9 +317,10 @@ def test_cuda_graphs_copy_gradients_only_before_a_later_micro_batch(tiny, tmp_pa
     tok = tiny[2]
     feats = collate.encode_examples(tok, data.load_split("data/sample", "train", limit=4), "course", 2048)[0]
     model = trainable.make_trainable(models.load_model(TINY, "none", "float32"), p)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         t = make_trainer(model, tok, feats, [], p, tmp_path, collate.collator(p, tok))
+    assert any("cuda_graphs replays CUDA graphs on a GPU only" in str(w.message) for w in caught)  # CPU here
     calls, copy = [], trainer_module._grads_out_of_graph_memory
     monkeypatch.setattr(trainer_module, "_grads_out_of_graph_memory", lambda m: calls.append(1) or copy(m))
     batch = collate.collator(p, tok)(feats)
