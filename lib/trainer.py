@@ -185,7 +185,7 @@ class BalancedTrainer(Trainer):
         return s
 
     def training_step(self, model, inputs, *args, **kwargs):
-        fresh = self.cuda_graphs and self.args.gradient_accumulation_steps > 1 and _no_grads(self.model)
+        fresh = self.cuda_graphs and self.args.gradient_accumulation_steps > 1 and _first_of_step(self.model)
         # a batch with the sequences' bounds (varlen_attention) trains with that attention, backward included
         with varlen_attention.training(self.model, "seq_bounds" in inputs):
             loss = super().training_step(model, inputs, *args, **kwargs)
@@ -194,12 +194,10 @@ class BalancedTrainer(Trainer):
         return loss
 
 
-def _trained(model) -> list:
-    return [x for x in model.parameters() if x.requires_grad]
-
-
-def _no_grads(model) -> bool:
-    return all(x.grad is None for x in _trained(model))
+def _first_of_step(model) -> bool:
+    """No gradient yet, so the step's first micro-batch: each backward gives every trained weight one, and
+    the step's end drops them all (the first weight alone tells, without a walk over all of them)."""
+    return next(x for x in model.parameters() if x.requires_grad).grad is None
 
 
 def _grads_out_of_graph_memory(model) -> None:
@@ -208,7 +206,7 @@ def _grads_out_of_graph_memory(model) -> None:
     micro-batch's replay writes over that memory (torch raises, or the sums go wrong: tests/test_gpu.py).
     Copied, later micro-batches add into them; one step without accumulation reads them before any replay,
     so it copies nothing."""
-    params = [x for x in _trained(model) if x.grad is not None]
+    params = [x for x in model.parameters() if x.grad is not None]  # frozen weights have none
     grads = [torch.empty_like(x.grad) for x in params]
     torch._foreach_copy_(grads, [x.grad for x in params])
     for x, g in zip(params, grads):
