@@ -256,6 +256,9 @@ def _graphable(p):
     if p.compile_mode != SpeedParams.compile_mode or p.cpp_wrapper:
         raise ParamsError("cuda_graphs compiles the decoder in torch's reduce-overhead mode: leave compile_mode "
                           "and cpp_wrapper out")
+    if p.ddp_bf16_grads:
+        raise ParamsError("cuda_graphs all-reduces the gradients itself, in one flat fp32 buffer after the backward "
+                          "(lib.trainer): ddp_bf16_grads, a hook of DDP's, would not run; leave it out")
 
 
 def _fusable(p):

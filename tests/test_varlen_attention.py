@@ -334,8 +334,53 @@ def test_cuda_graphs_copy_gradients_only_before_a_later_micro_batch(tiny, tmp_pa
     assert all(w.grad is not None for w in model.parameters() if w.requires_grad)
 
 
+def test_cuda_graphs_under_ddp_sum_gradients_in_one_flat_all_reduce(tiny, tmp_path, monkeypatch):
+    """cuda_graphs under DDP: DDP's hooks stay idle and the Trainer all-reduces the gradients itself, once, in
+    one flat buffer, at the step's last micro-batch only. In a 1-process gloo group the mean is the process's
+    own gradients: equal to the unwrapped model's step (tests/test_launch.py checks 2 processes' sums)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    p = params.TrainParams(model=TINY, quantization="none", compute_dtype="float32", packing=True, compile=True,
+                           cuda_graphs=True, varlen_attention=True, gradient_checkpointing=False, eval_steps=1000,
+                           save_steps=0)
+    tok = tiny[2]
+    feats = collate.encode_examples(tok, data.load_split("data/sample", "train", limit=4), "course", 2048)[0]
+    model = trainable.make_trainable(models.load_model(TINY, "none", "float32"), p)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # cuda_graphs on a CPU (asserted above)
+        t = make_trainer(model, tok, feats, [], p, tmp_path, collate.collator(p, tok))
+    batch = collate.collator(p, tok)(feats)
+    trained = [w for w in model.parameters() if w.requires_grad]
+
+    def step(m, sync=True):
+        t.accelerator.gradient_state._set_sync_gradients(sync)  # as HF's loop sets it before each micro-batch
+        model.zero_grad(set_to_none=True)
+        t.training_step(m.train(), dict(batch), num_items_in_batch=torch.tensor(100))
+        return [w.grad.clone() for w in trained]
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with torch._dynamo.config.patch(specialize_float=False):  # compile_decoder's setting, undone after
+            plain = step(model)
+            wrapped = DistributedDataParallel(model)
+            reduces, reduce = [], dist.all_reduce
+            monkeypatch.setattr(dist, "all_reduce", lambda x, *a, **k: reduces.append(x.numel()) or reduce(x, *a, **k))
+            step(wrapped, sync=False)  # a micro-batch before the step's last: no sums yet
+            assert reduces == []
+            grads = step(wrapped)
+    finally:
+        dist.destroy_process_group()
+    assert reduces == [sum(w.numel() for w in trained)]  # one all-reduce of every trained weight's gradient
+    assert len({w.grad.untyped_storage().data_ptr() for w in trained}) == 1  # views of one buffer
+    for a, b in zip(plain, grads):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(compile=True, cuda_graphs=True, packing=True), "needs varlen_attention"),
+    (dict(compile=True, cuda_graphs=True, packing=True, varlen_attention=True, gradient_checkpointing=False,
+          ddp_bf16_grads=True), "ddp_bf16_grads"),
     (dict(compile=True, cuda_graphs=True, packing=True, varlen_attention=True), "gradient_checkpointing: false"),
     (dict(compile=True, cuda_graphs=True, packing=True, varlen_attention=True, gradient_checkpointing=False,
           cpp_wrapper=True), "leave compile_mode"),
