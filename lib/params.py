@@ -178,7 +178,8 @@ class SpeedParams:
     # GRAPH_MULTIPLE tokens (one graph recorded for each width met). Needs varlen_attention (no mask, no
     # host-GPU sync in the forward) and no gradient checkpointing; replaces compiling the layers one by one.
     # study-lora's 1.5B at 16 x 1 on an H100: 2.80x (0.148 -> 0.053 s a step); the whole decoder compiles in
-    # ~3 minutes cold, ~70 s more than layer by layer (benchmarks/README.md)
+    # ~3 minutes cold, ~70 s more than layer by layer (benchmarks/README.md). Under DDP the Trainer sums the
+    # gradients itself, one flat all-reduce after the step's backward (lib/trainer._all_reduce_flat)
     cuda_graphs: bool = False
     lean_nf4: bool = False  # 4-bit layers without bitsandbytes' Python wrappers (lib/nf4.py): same products
     # the LoRA projections that read the same input (q/k/v, gate/up) computed as one group in training: one base
