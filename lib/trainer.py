@@ -225,7 +225,8 @@ def _all_reduce_flat(model) -> None:
     the all-reduce overlaps it; the whole decoder's backward is one graph, which hands them all over at its
     end, so nothing overlaps, and the hooks' per-weight work (392 LoRA weights at 1.5B: DDP's forward, a
     copy and a division each) was host time on a host-bound step (profiled on 2 x H100: DDP's forward
-    ~4 ms, its gradient hooks ~5 ms a micro-batch). The buffer is memory of its own, out of the graphs'.
+    ~4 ms, its gradient hooks ~5 ms a micro-batch). Not shown faster: the 2-GPU step was 0.070 s with either,
+    on two machines (benchmarks/README.md). The buffer is memory of its own, out of the graphs'.
     The mean, as DDP's: HF scales the loss so that it is the sum over the processes' tokens."""
     world = dist.get_world_size()
     params = [x for x in model.parameters() if x.grad is not None]  # frozen weights have none
