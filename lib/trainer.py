@@ -205,17 +205,26 @@ def _first_of_step(model) -> bool:
     return next(x for x in model.parameters() if x.requires_grad).grad is None
 
 
+def _grads_into_buffers(model) -> list[torch.Tensor]:
+    """Every gradient moved into one flat buffer per dtype (in the same order on every process), each .grad
+    a view of its buffer: memory of their own, out of the CUDA graphs', that later micro-batches add into."""
+    params = [x for x in model.parameters() if x.grad is not None]  # frozen weights have none
+    flats = []
+    for dtype in sorted({x.grad.dtype for x in params}, key=str):
+        group = [x for x in params if x.grad.dtype == dtype]
+        flats.append(torch.cat([x.grad.reshape(-1) for x in group]))
+        for x, g in zip(group, flats[-1].split([x.numel() for x in group])):
+            x.grad = g.view_as(x)
+    return flats
+
+
 def _grads_out_of_graph_memory(model) -> None:
     """The first micro-batch's gradients copied out of the CUDA graphs' memory (cuda_graphs, accumulating).
     With no .grad yet, autograd keeps the compiled backward's output tensors as the gradients; the next
     micro-batch's replay writes over that memory (torch raises, or the sums go wrong: tests/test_gpu.py).
     Copied, later micro-batches add into them; one step without accumulation reads them before any replay,
     so it copies nothing."""
-    params = [x for x in model.parameters() if x.grad is not None]  # frozen weights have none
-    grads = [torch.empty_like(x.grad) for x in params]
-    torch._foreach_copy_(grads, [x.grad for x in params])
-    for x, g in zip(params, grads):
-        x.grad = g
+    _grads_into_buffers(model)
 
 
 def _all_reduce_flat(model) -> None:
@@ -226,17 +235,11 @@ def _all_reduce_flat(model) -> None:
     end, so nothing overlaps, and the hooks' per-weight work (392 LoRA weights at 1.5B: DDP's forward, a
     copy and a division each) was host time on a host-bound step (profiled on 2 x H100: DDP's forward
     ~4 ms, its gradient hooks ~5 ms a micro-batch). Not shown faster: the 2-GPU step was 0.070 s with either,
-    on two machines (benchmarks/README.md). The buffer is memory of its own, out of the graphs'.
+    on two machines (benchmarks/README.md).
     The mean, as DDP's: HF scales the loss so that it is the sum over the processes' tokens."""
-    world = dist.get_world_size()
-    params = [x for x in model.parameters() if x.grad is not None]  # frozen weights have none
-    for dtype in sorted({x.grad.dtype for x in params}, key=str):  # a buffer per dtype, in the same order on all
-        group = [x for x in params if x.grad.dtype == dtype]
-        flat = torch.cat([x.grad.reshape(-1) for x in group])
+    for flat in _grads_into_buffers(model):
         dist.all_reduce(flat)
-        flat.div_(world)
-        for x, g in zip(group, flat.split([x.numel() for x in group])):
-            x.grad = g.view_as(x)
+        flat.div_(dist.get_world_size())
 
 
 class AnswerLossTrainer(BalancedTrainer):

@@ -303,6 +303,18 @@ def test_cuda_graphs_step_is_the_varlen_one(tiny, tmp_path):
         torch.testing.assert_close(g[k], g0[k], rtol=1e-4, atol=1e-5 * g0[k].abs().max().item())
 
 
+def _graphs_trainer(tok, out, **kw):
+    """A Trainer of the tiny model with cuda_graphs (the whole decoder compiled; on CPU without the graphs),
+    the model and one packed micro-batch of 4 sample records."""
+    p = params.TrainParams(model=TINY, quantization="none", compute_dtype="float32", packing=True, compile=True,
+                           cuda_graphs=True, varlen_attention=True, gradient_checkpointing=False, eval_steps=1000,
+                           save_steps=0, **kw)
+    feats = collate.encode_examples(tok, data.load_split("data/sample", "train", limit=4), "course", 2048)[0]
+    model = trainable.make_trainable(models.load_model(TINY, "none", "float32"), p)
+    t = make_trainer(model, tok, feats, [], p, out, collate.collator(p, tok))
+    return t, model, collate.collator(p, tok)(feats)
+
+
 @pytest.mark.parametrize("accum, copies", [(2, [True, False]), (1, [False, False])])
 def test_cuda_graphs_copy_gradients_only_before_a_later_micro_batch(tiny, tmp_path, monkeypatch, accum, copies):
     """cuda_graphs: the first micro-batch of an accumulating step has its gradients copied out of the graphs'
@@ -311,19 +323,12 @@ def test_cuda_graphs_copy_gradients_only_before_a_later_micro_batch(tiny, tmp_pa
     Trainer says that cuda_graphs only compiles there."""
     from lib import trainer as trainer_module
 
-    p = params.TrainParams(model=TINY, quantization="none", compute_dtype="float32", packing=True, compile=True,
-                           cuda_graphs=True, varlen_attention=True, gradient_checkpointing=False, eval_steps=1000,
-                           save_steps=0, grad_accum=accum)
-    tok = tiny[2]
-    feats = collate.encode_examples(tok, data.load_split("data/sample", "train", limit=4), "course", 2048)[0]
-    model = trainable.make_trainable(models.load_model(TINY, "none", "float32"), p)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        t = make_trainer(model, tok, feats, [], p, tmp_path, collate.collator(p, tok))
+        t, model, batch = _graphs_trainer(tiny[2], tmp_path, grad_accum=accum)
     assert any("cuda_graphs replays CUDA graphs on a GPU only" in str(w.message) for w in caught)  # CPU here
     calls, copy = [], trainer_module._grads_out_of_graph_memory
     monkeypatch.setattr(trainer_module, "_grads_out_of_graph_memory", lambda m: calls.append(1) or copy(m))
-    batch = collate.collator(p, tok)(feats)
     seen = []
     with torch._dynamo.config.patch(specialize_float=False):  # compile_decoder's setting, undone after
         for _ in copies:
@@ -341,16 +346,9 @@ def test_cuda_graphs_under_ddp_sum_gradients_in_one_flat_all_reduce(tiny, tmp_pa
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    p = params.TrainParams(model=TINY, quantization="none", compute_dtype="float32", packing=True, compile=True,
-                           cuda_graphs=True, varlen_attention=True, gradient_checkpointing=False, eval_steps=1000,
-                           save_steps=0)
-    tok = tiny[2]
-    feats = collate.encode_examples(tok, data.load_split("data/sample", "train", limit=4), "course", 2048)[0]
-    model = trainable.make_trainable(models.load_model(TINY, "none", "float32"), p)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # cuda_graphs on a CPU (asserted above)
-        t = make_trainer(model, tok, feats, [], p, tmp_path, collate.collator(p, tok))
-    batch = collate.collator(p, tok)(feats)
+        t, model, batch = _graphs_trainer(tiny[2], tmp_path)
     trained = [w for w in model.parameters() if w.requires_grad]
 
     def step(m, sync=True):
