@@ -43,9 +43,10 @@ def kernel_kind(name: str) -> str:
     return next((k for k, keys in KERNEL_KINDS if any(x in low for x in keys)), "other elementwise")
 
 
-def profile_summary(clock) -> dict:
+def profile_summary(clock, trace_to: Path | None = None) -> dict:
     """Per step: wall time vs GPU kernel time (low GPU share = launch/Python bound), kernel count, GPU
-    time by kind of kernel (gemm, dequantize, attention, ...), top kernels and top ops."""
+    time by kind of kernel (gemm, dequantize, attention, ...), top kernels and top ops; the window's chrome
+    trace gzipped at trace_to, if given."""
     events = clock.prof.key_averages()
     n = clock.profile
     # kernels only: a region the code names on the GPU side (DDP's forward, "nccl:all_reduce") and an op's
@@ -70,16 +71,21 @@ def profile_summary(clock) -> dict:
             "gpu_ms_by_kind": {k: round(v, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
             "top_kernels": top(kernels), "top": top(ops),
             "host_self_ms": by("self_cpu_time_total"), "host_total_ms": by("cpu_time_total")} | (
-                {"waits": waits(clock.prof, n)} if clock.stacks else {}) | {"idle": _idle(clock.prof, n)}
+                {"waits": waits(clock.prof, n)} if clock.stacks else {}) | {"idle": _idle(clock.prof, n, trace_to)}
 
 
-def _idle(prof, n: int) -> dict:
-    """idle_gaps of a finished torch.profiler window (its chrome trace, written to a temporary file)."""
+def _idle(prof, n: int, keep: Path | None = None) -> dict:
+    """idle_gaps of a finished torch.profiler window (its chrome trace, written to a temporary file; torch
+    writes it once, so kept gzipped at `keep` if given)."""
+    import gzip
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
         prof.export_chrome_trace(f"{d}/trace.json")
-        return idle_gaps(json.loads(Path(f"{d}/trace.json").read_text()), n)
+        raw = Path(f"{d}/trace.json").read_bytes()
+        if keep is not None:
+            keep.write_bytes(gzip.compress(raw))
+        return idle_gaps(json.loads(raw), n)
 
 
 GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")

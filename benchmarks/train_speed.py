@@ -335,12 +335,23 @@ def run(mode, settings, model_dir, feats, tok, a, spy_file=None):
            "losses": losses,  # every step's, read once at the end
            "logged_losses": [round(r["loss"], 4) for r in trainer.state.log_history if "loss" in r]}
     if a.profile:
-        row["profile"] = profile_summary(clock)
+        # --trace: every process's own window (a data-parallel rank's waits show in the other's trace)
+        name = trace_name(a.trace, mode) if a.trace else None
+        row["profile"] = profile_summary(clock, name and Path(name + ".trace.json.gz"))
+        if name:
+            Path(name + ".profile.json").write_text(json.dumps(row["profile"], indent=1))
     if clock.memory:
         row["memory"] = clock.memory
     del trainer, model
     shutil.rmtree(out, ignore_errors=True)
     return row
+
+
+def trace_name(folder: str, mode: str) -> str:
+    """--trace's files of this mode and process, less their suffix (.trace.json.gz: chrome://tracing, perfetto;
+    .profile.json: the summary)."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return f"{folder}/{mode.replace('+', '_').replace('=', '-')}.n{world_size()}.rank{os.environ.get('RANK', 0)}"
 
 
 def across_processes(tokens, dt):
@@ -439,6 +450,7 @@ def main():
     ap.add_argument("--profile", type=int, default=0, help="profile this many steps after the timed ones")
     ap.add_argument("--profile-stacks", action="store_true",
                     help="with --profile: the Python stacks of the host's waits (item, synchronize, copies to host)")
+    ap.add_argument("--trace", help="with --profile: each process's chrome trace and profile summary into this folder")
     ap.add_argument("--memory-trace", action="store_true", help="what is alive at the run's peak (slows it)")
     ap.add_argument("--pyspy", help="record the timed steps' Python stacks with py-spy into PATH.<mode>.txt")
     ap.add_argument("--params", default="params/course.yaml", help="where the project mode's settings come from")

@@ -1,5 +1,6 @@
 """The benchmark scripts run, and their diagnostics compute what they claim (no timing asserted)."""
 import dataclasses
+import gzip
 import json
 import sys
 from pathlib import Path
@@ -247,9 +248,13 @@ def test_mfu_counts_the_recomputed_share_of_layers(tmp_path, monkeypatch):
 
 def test_profile_window_reports_the_hosts_time(tmp_path, monkeypatch, capsys):
     """--profile: after the timed steps, the profiled ones are summarized, the host's side included (a
-    data-parallel rank waiting for the other shows up there, not in the GPU's kernels)."""
-    out = _train_speed(tmp_path, monkeypatch, "project", "--profile", "2")
+    data-parallel rank waiting for the other shows up there, not in the GPU's kernels); --trace keeps the
+    window's chrome trace and summary per process."""
+    out = _train_speed(tmp_path, monkeypatch, "project", "--profile", "2", "--trace", str(tmp_path / "tr"))
     pr = json.loads(out.read_text())["rows"][0]["profile"]
+    trace = json.loads(gzip.decompress((tmp_path / "tr" / "project.n1.rank0.trace.json.gz").read_bytes()))
+    assert any(e.get("name") == "Optimizer.step#AdamW.step" for e in trace["traceEvents"])  # 2 profiled steps
+    assert json.loads((tmp_path / "tr" / "project.n1.rank0.profile.json").read_text()) == pr
     assert pr["wall_ms_per_step"] > 0 and pr["host_total_ms"] and pr["host_self_ms"]
     for ranked in (pr["host_total_ms"], pr["host_self_ms"]):  # (name, ms a step, calls a step), longest first
         assert [k[1] for k in ranked] == sorted((k[1] for k in ranked), reverse=True) and ranked[0][1] > 0
