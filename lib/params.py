@@ -179,7 +179,7 @@ class SpeedParams:
     # host-GPU sync in the forward) and no gradient checkpointing; replaces compiling the layers one by one.
     # study-lora's 1.5B at 16 x 1 on an H100: 2.80x (0.148 -> 0.053 s a step); the whole decoder compiles in
     # ~3 minutes cold, ~70 s more than layer by layer (benchmarks/README.md). Under DDP the Trainer sums the
-    # gradients itself, one flat all-reduce after the step's backward (lib/trainer._all_reduce_flat)
+    # gradients itself, one flat all-reduce after the step's backward (lib/graph_grads.py)
     cuda_graphs: bool = False
     lean_nf4: bool = False  # 4-bit layers without bitsandbytes' Python wrappers (lib/nf4.py): same products
     # the LoRA projections that read the same input (q/k/v, gate/up) computed as one group in training: one base

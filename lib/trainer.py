@@ -16,6 +16,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_pt_utils import BatchRebalanceSampler
 
 from . import collate, evaluate, prompts, speedups, varlen_attention
+from .graph_grads import GraphGrads
 from .launch import per_process_accum
 from .models import device_for
 from .sampler import PackedRebalanceSampler
@@ -175,6 +176,7 @@ class BalancedTrainer(Trainer):
     shuffles by the run's seed (HF builds it with its default, 42, whatever `seed` says)."""
 
     cuda_graphs = False  # SpeedParams.cuda_graphs; configure sets it from the recipe
+    graph_grads = None  # GraphGrads under cuda_graphs, made at the first micro-batch
 
     def _get_train_sampler(self, train_dataset=None):
         s = super()._get_train_sampler(train_dataset)
@@ -185,61 +187,39 @@ class BalancedTrainer(Trainer):
         return s
 
     def training_step(self, model, inputs, *args, **kwargs):
-        fresh = self.cuda_graphs and self.args.gradient_accumulation_steps > 1 and _first_of_step(self.model)
-        # wrapped by DDP: the sums over the processes are this Trainer's own (_all_reduce_flat)
-        flat = self.cuda_graphs and isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        grads = self._graph_grads(model) if self.cuda_graphs else None
+        fresh = grads is not None and grads.fresh()
+        # wrapped by DDP: the sums over the processes are this Trainer's own (GraphGrads.all_reduce): DDP's
+        # hooks bucket the gradients as the backward hands them over, for the all-reduce to overlap it; the
+        # whole decoder's backward is one graph that hands them all over at its end, so nothing overlaps,
+        # and the hooks' per-weight work (DDP's forward, a copy and a division per weight) was host time
+        ddp = grads is not None and isinstance(model, torch.nn.parallel.DistributedDataParallel)
         # a batch with the sequences' bounds (varlen_attention) trains with that attention, backward included
         with varlen_attention.training(self.model, "seq_bounds" in inputs), \
-                model.no_sync() if flat else contextlib.nullcontext():
+                model.no_sync() if ddp else contextlib.nullcontext():
             loss = super().training_step(model, inputs, *args, **kwargs)
         if fresh:
-            _grads_out_of_graph_memory(self.model)
-        if flat and self.accelerator.sync_gradients:  # the step's last micro-batch (HF sets it before each)
-            _all_reduce_flat(self.model)
+            grads.take()
+        if ddp and self.accelerator.sync_gradients:  # the step's last micro-batch (HF sets it before each)
+            grads.all_reduce()
         return loss
 
+    def _graph_grads(self, model) -> GraphGrads:
+        """cuda_graphs' gradient buffers, made at the first micro-batch (the model trainable, on its device).
+        HF's zero_grad after each step, on the model it steps (DDP's wrapper or the model itself), then
+        drops the trained weights' gradients without a walk over every parameter (an instance attribute
+        shadows the method)."""
+        if self.graph_grads is None:
+            self.graph_grads = GraphGrads(self.model)
+        if "zero_grad" not in vars(model):
+            model.zero_grad = self.graph_grads.zero_grad
+        return self.graph_grads
 
-def _first_of_step(model) -> bool:
-    """No gradient yet, so the step's first micro-batch: each backward gives every trained weight one, and
-    the step's end drops them all (the first weight alone tells, without a walk over all of them)."""
-    return next(x for x in model.parameters() if x.requires_grad).grad is None
-
-
-def _grads_into_buffers(model) -> list[torch.Tensor]:
-    """Every gradient moved into one flat buffer per dtype (in the same order on every process), each .grad
-    a view of its buffer: memory of their own, out of the CUDA graphs', that later micro-batches add into."""
-    params = [x for x in model.parameters() if x.grad is not None]  # frozen weights have none
-    flats = []
-    for dtype in sorted({x.grad.dtype for x in params}, key=str):
-        group = [x for x in params if x.grad.dtype == dtype]
-        flats.append(torch.cat([x.grad.reshape(-1) for x in group]))
-        for x, g in zip(group, flats[-1].split([x.numel() for x in group])):
-            x.grad = g.view_as(x)
-    return flats
-
-
-def _grads_out_of_graph_memory(model) -> None:
-    """The first micro-batch's gradients copied out of the CUDA graphs' memory (cuda_graphs, accumulating).
-    With no .grad yet, autograd keeps the compiled backward's output tensors as the gradients; the next
-    micro-batch's replay writes over that memory (torch raises, or the sums go wrong: tests/test_gpu.py).
-    Copied, later micro-batches add into them; one step without accumulation reads them before any replay,
-    so it copies nothing."""
-    _grads_into_buffers(model)
-
-
-def _all_reduce_flat(model) -> None:
-    """cuda_graphs under DDP: the step's gradients averaged over the processes by one all-reduce of one flat
-    buffer, after the last micro-batch's backward, in place of DDP's hooks (BalancedTrainer.training_step
-    keeps them idle with no_sync). The hooks bucket the gradients as the backward hands them over, so that
-    the all-reduce overlaps it; the whole decoder's backward is one graph, which hands them all over at its
-    end, so nothing overlaps, and the hooks' per-weight work (392 LoRA weights at 1.5B: DDP's forward, a
-    copy and a division each) was host time on a host-bound step (profiled on 2 x H100: DDP's forward
-    ~4 ms, its gradient hooks ~5 ms a micro-batch). Not shown faster: the 2-GPU step was 0.070 s with either,
-    on two machines (benchmarks/README.md).
-    The mean, as DDP's: HF scales the loss so that it is the sum over the processes' tokens."""
-    for flat in _grads_into_buffers(model):
-        dist.all_reduce(flat)
-        flat.div_(dist.get_world_size())
+    def _clip_grad_norm(self, model):
+        """HF's clip (torch's clip_grad_norm_ over model.parameters()), on cuda_graphs' flat gradient buffers."""
+        if self.graph_grads is not None and self.accelerator.scaler is None:
+            return self.graph_grads.clip(self.args.max_grad_norm)
+        return super()._clip_grad_norm(model)
 
 
 class AnswerLossTrainer(BalancedTrainer):

@@ -198,7 +198,8 @@ def test_cuda_graphs_train_as_the_plain_step(tmp_path, monkeypatch):
     replay writes over them: torch raises, or the weights go elsewhere (the test can fail)."""
     from torch._dynamo.utils import counters
 
-    from lib import params, trainer
+    from lib import params
+    from lib.graph_grads import GraphGrads
 
     kw = dict(model=TINY, quantization="none", compute_dtype="bfloat16", packing=True, varlen_attention=True,
               gradient_checkpointing=False, micro_batch_size=2, grad_accum=2, max_steps=4, logging_steps=1,
@@ -210,7 +211,7 @@ def test_cuda_graphs_train_as_the_plain_step(tmp_path, monkeypatch):
         assert counters["inductor"]["cudagraph_skips"] == 0
         assert losses == pytest.approx(plain_losses, rel=1e-2)
         assert _apart(graphs, plain) < 0.1
-        monkeypatch.setattr(trainer, "_grads_out_of_graph_memory", lambda model: None)
+        monkeypatch.setattr(GraphGrads, "take", lambda self: None)
         torch._dynamo.reset()
         try:
             broken, _ = _trained_deltas(params.TrainParams(**kw, compile=True, cuda_graphs=True), tmp_path / "broken")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lib import collate, data, evaluate, models, params, prompts, speedups, trainable, varlen_attention
-from lib.trainer import make_trainer
+from lib.trainer import CurveCallback, make_trainer
 from tests.tiny_model import TINY
 
 
@@ -315,28 +315,62 @@ def _graphs_trainer(tok, out, **kw):
     return t, model, collate.collator(p, tok)(feats)
 
 
-@pytest.mark.parametrize("accum, copies", [(2, [True, False]), (1, [False, False])])
-def test_cuda_graphs_copy_gradients_only_before_a_later_micro_batch(tiny, tmp_path, monkeypatch, accum, copies):
-    """cuda_graphs: the first micro-batch of an accumulating step has its gradients copied out of the graphs'
-    memory (the next replay writes there; tests/test_gpu.py shows it matters), later ones add into the copies,
-    and a step of one micro-batch copies nothing (its optimizer reads them before any replay). On a CPU the
-    Trainer says that cuda_graphs only compiles there."""
-    from lib import trainer as trainer_module
+def test_cuda_graphs_take_each_steps_gradients_at_its_first_micro_batch(tiny, tmp_path, monkeypatch):
+    """cuda_graphs: a step's first micro-batch has its gradients copied out of the graphs' memory into the
+    flat buffers (the next replay writes there; tests/test_gpu.py shows it matters), later ones add into
+    them; the Trainer's zero_grad (HF calls it after each step) drops them, its clip is torch's on the
+    buffers. On a CPU the Trainer says that cuda_graphs only compiles there."""
+    from lib.graph_grads import GraphGrads
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        t, model, batch = _graphs_trainer(tiny[2], tmp_path, grad_accum=accum)
+        t, model, batch = _graphs_trainer(tiny[2], tmp_path, grad_accum=2)
     assert any("cuda_graphs replays CUDA graphs on a GPU only" in str(w.message) for w in caught)  # CPU here
-    calls, copy = [], trainer_module._grads_out_of_graph_memory
-    monkeypatch.setattr(trainer_module, "_grads_out_of_graph_memory", lambda m: calls.append(1) or copy(m))
+    calls, take = [], GraphGrads.take
+    monkeypatch.setattr(GraphGrads, "take", lambda self: calls.append(1) or take(self))
+    trained = [w for w in model.parameters() if w.requires_grad]
     seen = []
     with torch._dynamo.config.patch(specialize_float=False):  # compile_decoder's setting, undone after
-        for _ in copies:
+        for step_ends in (False, True, False):
             before = len(calls)
             t.training_step(model.train(), dict(batch), num_items_in_batch=torch.tensor(100))
             seen.append(len(calls) > before)
-    assert seen == copies
-    assert all(w.grad is not None for w in model.parameters() if w.requires_grad)
+            if step_ends:
+                grads = [w.grad.clone() for w in trained]
+                expected = torch.nn.utils.clip_grad_norm_(trained, 0.3)  # clips these weights' gradients
+                for w, g in zip(trained, grads):
+                    w.grad.copy_(g)
+                norm = t._clip_grad_norm(model)  # HF's hook, as its loop calls it
+                torch.testing.assert_close(norm, expected, rtol=1e-5, atol=0)
+                model.zero_grad()
+                assert all(w.grad is None for w in trained)
+    assert seen == [True, False, True]  # the second adds into the buffers; the third is the next step's first
+    assert "zero_grad" in vars(model)  # only the trained weights' walk
+    assert {w.grad.untyped_storage().data_ptr() for w in trained} == {t.graph_grads.flats[0].data_ptr()}
+
+
+def test_cuda_graphs_hf_loop_clips_and_zeroes_through_the_buffers(tiny, tmp_path, monkeypatch):
+    """HF's own loop (Trainer.train) reaches GraphGrads: a take, a clip and a zero_grad per step (a
+    transformers that renamed _clip_grad_norm would clip the long way round, silently)."""
+    from lib.graph_grads import GraphGrads
+
+    counts = {"take": 0, "clip": 0, "zero_grad": 0}
+    for name in counts:
+        monkeypatch.setattr(GraphGrads, name, _counted(getattr(GraphGrads, name), counts, name))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # cuda_graphs on a CPU (asserted above)
+        t, model, _ = _graphs_trainer(tiny[2], tmp_path, grad_accum=2, max_steps=3)
+        t.remove_callback(CurveCallback)  # no evaluation records here
+        with torch._dynamo.config.patch(specialize_float=False):  # compile_decoder's setting, undone after
+            t.train()
+    assert counts == {"take": 3, "clip": 3, "zero_grad": 3}
+
+
+def _counted(f, counts, name):
+    def counted(*a, **k):
+        counts[name] += 1
+        return f(*a, **k)
+    return counted
 
 
 def test_cuda_graphs_under_ddp_sum_gradients_in_one_flat_all_reduce(tiny, tmp_path, monkeypatch):
