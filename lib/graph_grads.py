@@ -19,13 +19,45 @@ import torch.distributed as dist
 class GraphGrads:
     def __init__(self, model: torch.nn.Module):
         weights = [w for w in model.parameters() if w.requires_grad]
-        self.weights, self.views, self.flats = [], [], []
+        self.weights, self.views, self.flats, self.groups, self.params = [], [], [], [], []
         for dtype in sorted({w.dtype for w in weights}, key=str):  # the same order on every process
             group = [w for w in weights if w.dtype == dtype]
             flat = torch.zeros(sum(w.numel() for w in group), dtype=dtype, device=group[0].device)
             self.flats.append(flat)
+            self.groups.append(group)
             self.weights += group
             self.views += [v.view_as(w) for w, v in zip(group, flat.split([w.numel() for w in group]))]
+
+    def flat_weights(self) -> list[torch.nn.Parameter]:
+        """flat_params: the trained weights moved into one flat parameter per dtype, each weight's data a
+        view of it, in the gradients' layout; each flat parameter's .grad is its gradient buffer. The
+        optimizer then steps one tensor a dtype (torch's AdamW is elementwise: the same update) instead of
+        392 (qwen2.5-1.5B's LoRA). Call before the first forward: the compiled graphs take the weights' memory
+        as it is then."""
+        flats = []
+        for group, grad in zip(self.groups, self.flats):
+            flat = torch.nn.Parameter(torch.cat([w.detach().reshape(-1) for w in group]))
+            for w, v in zip(group, flat.detach().split([w.numel() for w in group])):
+                w.data = v.view_as(w)
+            flat.grad = grad
+            flats.append(flat)
+        self.params = flats
+        return flats
+
+    def rebind(self) -> None:
+        """flat_params: weights whose data was replaced since flat_weights are copied back into their flat
+        parameter and made its views again. accelerate's prepare (after HF makes the optimizer) moves the
+        model with .to(): in a 2-process run the weights then had memory of their own, and the optimizer
+        stepped a flat parameter that no weight read (tests/test_launch.py caught it)."""
+        for group, flat in zip(self.groups, self.params):
+            home = flat.untyped_storage().data_ptr()
+            if all(w.untyped_storage().data_ptr() == home for w in group):
+                continue
+            with torch.no_grad():
+                torch._foreach_copy_(list(flat.detach().split([w.numel() for w in group])),
+                                     [w.detach().reshape(-1) for w in group])
+            for w, v in zip(group, flat.detach().split([w.numel() for w in group])):
+                w.data = v.view_as(w)
 
     def fresh(self) -> bool:
         """No gradient yet: the step's first micro-batch (each backward gives every trained weight one,

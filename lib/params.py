@@ -181,6 +181,10 @@ class SpeedParams:
     # ~3 minutes cold, ~70 s more than layer by layer (benchmarks/README.md). Under DDP the Trainer sums the
     # gradients itself, one flat all-reduce after the step's backward (lib/graph_grads.py)
     cuda_graphs: bool = False
+    # with cuda_graphs: the trained weights become views of one flat parameter per dtype, stepped by the optimizer
+    # as one tensor (lib/graph_grads.py): AdamW's per-weight host work off a host-bound step; the same update.
+    # Built and tested on CPU, not yet timed on a GPU
+    flat_params: bool = False
     lean_nf4: bool = False  # 4-bit layers without bitsandbytes' Python wrappers (lib/nf4.py): same products
     # the LoRA projections that read the same input (q/k/v, gate/up) computed as one group in training: one base
     # matmul and one x @ A a group, fewer launches and thin matmuls (lib/fused_projections.py); same sums
@@ -234,6 +238,8 @@ class SpeedParams:
                               "one row: leave pack_tokens out")
         if self.cuda_graphs:
             _graphable(self)
+        if self.flat_params and not self.cuda_graphs:
+            raise ParamsError("flat_params needs cuda_graphs: true (the flat gradient buffers it steps are cuda_graphs')")
         if self.balance_ranks and self.group_by_length:
             raise ParamsError("balance_ranks and group_by_length exclude each other (both choose the batches)")
         if self.fuse_projections:

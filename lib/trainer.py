@@ -177,6 +177,8 @@ class BalancedTrainer(Trainer):
 
     cuda_graphs = False  # SpeedParams.cuda_graphs; configure sets it from the recipe
     graph_grads = None  # GraphGrads under cuda_graphs, made at the first micro-batch
+    flat_params = False  # SpeedParams.flat_params (with cuda_graphs); configure sets it
+    bound = False  # this train() call's weights rebound to the flat parameters (flat_params)
 
     def _get_train_sampler(self, train_dataset=None):
         s = super()._get_train_sampler(train_dataset)
@@ -189,6 +191,9 @@ class BalancedTrainer(Trainer):
     def training_step(self, model, inputs, *args, **kwargs):
         grads = self._graph_grads(model) if self.cuda_graphs else None
         fresh = grads is not None and grads.fresh()
+        if fresh and not self.bound:
+            grads.rebind()  # flat_params: the weights back in the flat parameter, after accelerate's prepare
+            self.bound = True
         # wrapped by DDP: the sums over the processes are this Trainer's own (GraphGrads.all_reduce): DDP's
         # hooks bucket the gradients as the backward hands them over, for the all-reduce to overlap it; the
         # whole decoder's backward is one graph that hands them all over at its end, so nothing overlaps,
@@ -204,16 +209,33 @@ class BalancedTrainer(Trainer):
             grads.all_reduce()
         return loss
 
+    def train(self, *args, **kwargs):
+        self.bound = False  # each train() prepares the model anew (a resume too): GraphGrads.rebind once after
+        return super().train(*args, **kwargs)
+
     def _graph_grads(self, model) -> GraphGrads:
-        """cuda_graphs' gradient buffers, made at the first micro-batch (the model trainable, on its device).
-        HF's zero_grad after each step, on the model it steps (DDP's wrapper or the model itself), then
-        drops the trained weights' gradients without a walk over every parameter (an instance attribute
-        shadows the method)."""
+        """cuda_graphs' gradient buffers, made at the first micro-batch (the model trainable, on its device)
+        or by create_optimizer. HF's zero_grad after each step, on the model it steps (DDP's wrapper or the
+        model itself), then drops the trained weights' gradients without a walk over every parameter (an
+        instance attribute shadows the method)."""
         if self.graph_grads is None:
             self.graph_grads = GraphGrads(self.model)
         if "zero_grad" not in vars(model):
             model.zero_grad = self.graph_grads.zero_grad
         return self.graph_grads
+
+    def create_optimizer(self, model=None):
+        """HF's optimizer; with flat_params, over the flat weights (GraphGrads.flat_weights), one group."""
+        if not self.flat_params or self.optimizer is not None:
+            return super().create_optimizer(model)
+        decayed = set(self.get_decay_parameter_names(self.model))
+        if self.args.weight_decay and any(w.requires_grad and n not in decayed for n, w in self.model.named_parameters()):
+            raise ValueError("flat_params steps every trained weight with one weight decay, but some (biases, norms) "
+                             "take none: set weight_decay: 0 or flat_params: false")
+        cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+        flats = self._graph_grads(self.model).flat_weights()
+        self.optimizer = cls([{"params": flats, "weight_decay": self.args.weight_decay}], **kwargs)
+        return self.optimizer
 
     def _clip_grad_norm(self, model):
         """HF's clip (torch's clip_grad_norm_ over model.parameters()), on cuda_graphs' flat gradient buffers."""
@@ -336,6 +358,7 @@ def configure(trainer, p):
     """The recipe's settings a Trainer cannot take as arguments (also for benchmarks/train_speed.py)."""
     trainer.head_loss = p.head_loss  # used by AnswerLossTrainer only
     trainer.cuda_graphs = p.cuda_graphs
+    trainer.flat_params = p.flat_params
     if p.varlen_attention and not (trainer.args.device.type == "cuda" and p.compute_dtype != "float32"):
         warnings.warn("varlen_attention runs the flash kernel on a CUDA GPU in bf16/fp16 only; here it attends "
                       "through a mask over the micro-batch's whole row (the same numbers, slower than packing "

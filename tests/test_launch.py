@@ -148,14 +148,17 @@ def test_balanced_ranks_two_processes_are_the_one_process_run(tmp_path):
 
 @pytest.mark.parametrize("option", [{"fuse_projections": True}, {"varlen_attention": True},
                                     {"gradient_checkpointing": True, "compile": True, "compiled_recompute": 2},
-                                    {"varlen_attention": True, "compile": True, "cuda_graphs": True}],
+                                    {"varlen_attention": True, "compile": True, "cuda_graphs": True},
+                                    {"varlen_attention": True, "compile": True, "cuda_graphs": True, "flat_params": True}],
                          ids=lambda o: list(o)[-1])
 def test_speed_option_two_processes_are_the_one_process_run(tmp_path, option):
     """Under DDP, fuse_projections (its 16-bit base weights are views of one stacked tensor, which the
     wrap-time broadcast writes through), varlen_attention (each rank's bounds reach its attention through
     DDP's forward; the switch is made on the unwrapped model) and compiled_recompute (the checkpointed
     layers' recompute inside their compiled backward, DDP's gradient hooks firing from it) and cuda_graphs (the
-    whole decoder compiled, the gradients summed by the Trainer's own flat all-reduce, DDP's hooks idle): 2 processes
+    whole decoder compiled, the gradients summed by the Trainer's own flat all-reduce, DDP's hooks idle; with
+    flat_params the weights are views of the optimizer's one parameter, which the wrap-time broadcast writes
+    through): 2 processes
     train the 1-process run's losses, gradient norms and curve; and that run is the plain one's to bf16
     rounding."""
     plain = launch.run(_cfg(tmp_path, 1), tmp_path / "plain", 1, cpu=True)

@@ -366,6 +366,48 @@ def test_cuda_graphs_hf_loop_clips_and_zeroes_through_the_buffers(tiny, tmp_path
     assert counts == {"take": 3, "clip": 3, "zero_grad": 3}
 
 
+def test_flat_params_train_as_the_weights_one_by_one(tiny, tmp_path):
+    """flat_params: three optimizer steps over one flat parameter give the weights that AdamW over each LoRA
+    weight gives (cuda_graphs both, so the same gradients); the weights are views of the optimizer's one
+    parameter, and the adapter saves (safetensors refuses shared memory: peft copies) as they are."""
+    from safetensors.torch import load_file
+
+    def trained(flat):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # cuda_graphs on a CPU (asserted above)
+            torch.manual_seed(0)
+            t, model, _ = _graphs_trainer(tiny[2], tmp_path / str(flat), grad_accum=2, max_steps=3, flat_params=flat,
+                                          learning_rate=1e-2)
+            t.remove_callback(CurveCallback)  # no evaluation records here
+            before = {n: w.detach().clone() for n, w in model.named_parameters() if w.requires_grad}
+            with torch._dynamo.config.patch(specialize_float=False):  # compile_decoder's setting, undone after
+                t.train()
+        return t, model, before
+
+    t0, m0, before = trained(False)
+    t1, m1, _ = trained(True)
+    after = {n: w for n, w in m1.named_parameters() if w.requires_grad}
+    for n, w in m0.named_parameters():
+        if w.requires_grad:
+            torch.testing.assert_close(after[n], w, rtol=1e-6, atol=1e-8)
+    assert max((w - before[n]).abs().max().item() for n, w in after.items()) > 1e-3  # they trained
+    (flat,) = [p for g in t1.optimizer.param_groups for p in g["params"]]
+    assert flat.numel() == sum(w.numel() for w in after.values())
+    assert {w.untyped_storage().data_ptr() for w in after.values()} == {flat.untyped_storage().data_ptr()}
+    m1.save_pretrained(tmp_path / "adapter")
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert len(saved) == len(after) and all(torch.equal(saved[k], after[k.replace(".weight", ".default.weight")])
+                                            for k in saved)
+
+
+def test_flat_params_refused_with_a_decay_some_weights_skip(tiny, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t, _, _ = _graphs_trainer(tiny[2], tmp_path, flat_params=True, weight_decay=0.1, full_finetune=True)
+    with pytest.raises(ValueError, match="flat_params steps every trained weight with one weight decay"):
+        t.create_optimizer()
+
+
 def _counted(f, counts, name):
     def counted(*a, **k):
         counts[name] += 1
