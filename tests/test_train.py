@@ -107,11 +107,17 @@ def _cfg(tmp_path, **train) -> Path:
     return cfg
 
 
-@pytest.mark.parametrize("balance_ranks", [False, True])
-def test_resume_after_kill_matches_uninterrupted(tmp_path, balance_ranks):
+# flat_params: the optimizer's state is the flat parameter's, and the resumed run's weights are rebound into it
+FLAT = dict(quantization="none", packing=True, varlen_attention=True, compile=True, cuda_graphs=True,
+            gradient_checkpointing=False, flat_params=True)
+
+
+@pytest.mark.parametrize("recipe", [{}, {"balance_ranks": True}, FLAT], ids=["random", "balance_ranks", "flat_params"])
+def test_resume_after_kill_matches_uninterrupted(tmp_path, recipe):
     """Killed, then resumed from its last checkpoint: the same curve to the bit, over 3 epochs of the sample
-    (reshuffled each), with HF's random order or lib.sampler's token-balanced one."""
-    cfg = _cfg(tmp_path, max_steps=16, save_steps=2, balance_ranks=balance_ranks)
+    (reshuffled each), with HF's random order or lib.sampler's token-balanced one, and with the optimizer
+    over one flat parameter (flat_params)."""
+    cfg = _cfg(tmp_path, max_steps=16, save_steps=2, **recipe)
     assert _run(cfg, tmp_path / "full") == 0
     assert _run(cfg, tmp_path / "cut", kill_after_step=6) == -signal.SIGKILL
     done = [int(c.name.split("-")[1]) for c in (tmp_path / "cut" / "checkpoints").iterdir()]
