@@ -32,8 +32,9 @@ class GraphGrads:
         """flat_params: the trained weights moved into one flat parameter per dtype, each weight's data a
         view of it, in the gradients' layout; each flat parameter's .grad is its gradient buffer. The
         optimizer then steps one tensor a dtype (torch's AdamW is elementwise: the same update) instead of
-        392 (qwen2.5-1.5B's LoRA). Call before the first forward: the compiled graphs take the weights' memory
-        as it is then."""
+        392 (qwen2.5-1.5B's LoRA). HF makes the optimizer before the first forward; the compiled graphs then
+        take the weights' memory as it is, and a graph recorded before rebind (step 0's evaluation) is
+        recorded again at the next evaluation."""
         flats = []
         for group, grad in zip(self.groups, self.flats):
             flat = torch.nn.Parameter(torch.cat([w.detach().reshape(-1) for w in group]))
@@ -46,9 +47,10 @@ class GraphGrads:
 
     def rebind(self) -> None:
         """flat_params: weights whose data was replaced since flat_weights are copied back into their flat
-        parameter and made its views again. accelerate's prepare (after HF makes the optimizer) moves the
-        model with .to(): in a 2-process run the weights then had memory of their own, and the optimizer
-        stepped a flat parameter that no weight read (tests/test_launch.py caught it)."""
+        parameter and made its views again. In a 2-process run the weights had memory of their own by the
+        first micro-batch (accelerate's prepare, after HF makes the optimizer, moves the model with .to(),
+        which sets each weight's data), and the optimizer stepped a flat parameter that no weight read
+        (tests/test_launch.py caught it). The Trainer calls it at each train()'s first micro-batch."""
         for group, flat in zip(self.groups, self.params):
             home = flat.untyped_storage().data_ptr()
             if all(w.untyped_storage().data_ptr() == home for w in group):
