@@ -85,7 +85,8 @@ def _idle(prof, n: int, keep: Path | None = None) -> dict:
         raw = Path(f"{d}/trace.json").read_bytes()
         if keep is not None:
             keep.write_bytes(gzip.compress(raw))
-        return idle_gaps(json.loads(raw), n)
+        trace = json.loads(raw)
+        return idle_gaps(trace, n) | {"host_gaps": host_gaps(trace, n)}
 
 
 GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
@@ -145,6 +146,35 @@ def idle_gaps(trace, n: int, min_us: float = 20.0, top: int = 12, reach: int = 2
             f"in_gaps_over_{min_us:g}us_ms": ms(big), "between_queued_kernels_ms": ms(small),
             "host_late_ms": ms(late), "launched_early_ms": ms(early),
             "by_launching_op": rank(inner), "by_outer_op": rank(outer), "host_blocked": rank(blocked)}
+
+
+def host_gaps(trace, n: int, top: int = 12) -> dict:
+    """Where the host's main thread ran outside any op, from a profiler's chrome trace of n steps: Python
+    (the Trainer's loop, walks over a model's modules and parameters) shows only as time between ops.
+
+    The main thread is the one that stepped the optimizer. Its top-level events (ops, annotations, CUDA
+    calls not inside another) are taken in order; the time between one's end and the next one's start is
+    put on the pair (after, before). The backward runs on autograd's thread, so the main thread's wait
+    for it shows as a gap after the op that started it (aten::ones_like, the loss's gradient)."""
+    ev = trace["traceEvents"] if isinstance(trace, dict) else trace
+    cats = ("cpu_op", "user_annotation", "cuda_runtime")
+    host = [e for e in ev if e.get("cat") in cats and e.get("ph") == "X"]
+    main = next((e["tid"] for e in host if e["name"].startswith("Optimizer.step")), None)
+    tops, end = [], float("-inf")
+    for e in sorted((e for e in host if e["tid"] == main), key=lambda e: (e["ts"], -e["dur"])):
+        if e["ts"] >= end:  # not inside the previous top-level event
+            tops.append(e)
+            end = e["ts"] + e["dur"]
+    pairs, outside = {}, 0.0
+    for a, b in zip(tops, tops[1:]):
+        gap = b["ts"] - (a["ts"] + a["dur"])
+        if gap > 0:
+            outside += gap
+            _add(pairs, f"after {a['name'][:50]} / before {b['name'][:50]}", gap)
+    ms = lambda us: round(us / 1000 / n, 3)
+    span = tops[-1]["ts"] + tops[-1]["dur"] - tops[0]["ts"] if tops else 0.0
+    return {"span_ms_per_step": ms(span), "outside_ops_ms_per_step": ms(outside),
+            "by_pair": [(k, ms(v[0]), round(v[1] / n, 2)) for k, v in sorted(pairs.items(), key=lambda kv: -kv[1][0])[:top]]}
 
 
 def _add(table: dict, key: str, us: float):

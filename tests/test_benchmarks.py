@@ -643,6 +643,24 @@ def test_kernel_kinds_of_real_kernel_names(name, kind):
     assert kernel_kind(name) == kind
 
 
+def test_host_gaps_put_the_main_threads_python_between_its_ops():
+    """A hand-made step on the main thread (tid 1): a forward 0-30 us (with an op inside), 20 us of Python,
+    the loss's gradient 50-52 and 40 us waiting for autograd's thread (tid 2, not counted), an op, 8 us of
+    Python, the optimizer step 110-130. Outside ops: 20 + 40 + 8 = 68 us of a 130-us span."""
+    from gpu_meter import host_gaps
+
+    op = lambda name, ts, dur, tid=1: {"ph": "X", "cat": "cpu_op", "name": name, "ts": ts, "dur": dur, "tid": tid}
+    trace = {"traceEvents": [
+        op("forward", 0, 30), op("aten::mm", 5, 10), op("aten::ones_like", 50, 2),
+        op("CompiledFunctionBackward", 55, 30, tid=2), op("aten::reshape", 92, 10),
+        op("Optimizer.step#AdamW.step", 110, 20)]}
+    got = host_gaps(trace, n=1)
+    assert got["span_ms_per_step"] == 0.13 and got["outside_ops_ms_per_step"] == 0.068
+    assert got["by_pair"] == [("after aten::ones_like / before aten::reshape", 0.04, 1.0),
+                              ("after forward / before aten::ones_like", 0.02, 1.0),
+                              ("after aten::reshape / before Optimizer.step#AdamW.step", 0.008, 1.0)]
+
+
 def test_idle_gaps_put_each_wait_on_the_host_op_that_ended_it():
     """A hand-made trace: kernel 1 runs 5-55 us; the optimizer launches kernel 2 at 120 us (the GPU idle
     70 us, the host late by 65); kernel 3, queued at 130, starts 5 us after kernel 2 ends (a small gap);
