@@ -221,6 +221,27 @@ def test_cuda_graphs_train_as_the_plain_step(tmp_path, monkeypatch):
             assert _apart(broken, plain) > 0.3
 
 
+def test_flat_params_train_as_the_plain_step(tmp_path):
+    """flat_params on the GPU (the weights views of one flat parameter, which the CUDA graphs read): four
+    steps of two accumulated micro-batches train as the uncompiled varlen step does, no graph skipped."""
+    from torch._dynamo.utils import counters
+
+    from lib import params
+
+    kw = dict(model=TINY, quantization="none", compute_dtype="bfloat16", packing=True, varlen_attention=True,
+              gradient_checkpointing=False, micro_batch_size=2, grad_accum=2, max_steps=4, logging_steps=1,
+              eval_steps=1000, save_steps=0, learning_rate=1e-3, lr_scheduler="constant")
+    plain, plain_losses = _trained_deltas(params.TrainParams(**kw), tmp_path / "plain")
+    with torch._dynamo.config.patch(specialize_float=False):  # compile_decoder's process-wide setting, undone
+        counters.clear()
+        torch._dynamo.reset()
+        flat, losses = _trained_deltas(params.TrainParams(**kw, compile=True, cuda_graphs=True, flat_params=True),
+                                       tmp_path / "flat")
+        assert counters["inductor"]["cudagraph_skips"] == 0
+    assert losses == pytest.approx(plain_losses, rel=1e-2)
+    assert _apart(flat, plain) < 0.1
+
+
 def test_varlen_answer_loss_never_waits_for_the_gpu():
     """With varlen_attention and the collator's answer positions, a training micro-batch's forward and
     backward (bf16 LoRA, eager) make no host-GPU sync, so the host can queue the backward while the GPU
