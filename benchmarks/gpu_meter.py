@@ -71,22 +71,22 @@ def profile_summary(clock, trace_to: Path | None = None) -> dict:
             "gpu_ms_by_kind": {k: round(v, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
             "top_kernels": top(kernels), "top": top(ops),
             "host_self_ms": by("self_cpu_time_total"), "host_total_ms": by("cpu_time_total")} | (
-                {"waits": waits(clock.prof, n)} if clock.stacks else {}) | {"idle": _idle(clock.prof, n, trace_to)}
+                {"waits": waits(clock.prof, n)} if clock.stacks else {}) | _from_trace(clock.prof, n, trace_to)
 
 
-def _idle(prof, n: int, keep: Path | None = None) -> dict:
-    """idle_gaps of a finished torch.profiler window (its chrome trace, written to a temporary file; torch
-    writes it once, so kept gzipped at `keep` if given)."""
+def _from_trace(prof, n: int, keep: Path | None = None) -> dict:
+    """idle_gaps and host_gaps of a finished torch.profiler window (its chrome trace, written to a temporary
+    file; torch writes it once, so kept gzipped at `keep` if given)."""
     import gzip
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
         prof.export_chrome_trace(f"{d}/trace.json")
         raw = Path(f"{d}/trace.json").read_bytes()
-        if keep is not None:
-            keep.write_bytes(gzip.compress(raw))
-        trace = json.loads(raw)
-        return idle_gaps(trace, n) | {"host_gaps": host_gaps(trace, n)}
+    if keep is not None:
+        keep.write_bytes(gzip.compress(raw))
+    trace = json.loads(raw)
+    return {"idle": idle_gaps(trace, n), "host_gaps": host_gaps(trace, n)}
 
 
 GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")

@@ -35,30 +35,26 @@ class GraphGrads:
         392 (qwen2.5-1.5B's LoRA). HF makes the optimizer before the first forward; the compiled graphs then
         take the weights' memory as it is, and a graph recorded before rebind (step 0's evaluation) is
         recorded again at the next evaluation."""
-        flats = []
-        for group, grad in zip(self.groups, self.flats):
-            flat = torch.nn.Parameter(torch.cat([w.detach().reshape(-1) for w in group]))
-            for w, v in zip(group, flat.detach().split([w.numel() for w in group])):
-                w.data = v.view_as(w)
+        self.params = [torch.nn.Parameter(torch.empty_like(grad)) for grad in self.flats]
+        for flat, grad in zip(self.params, self.flats):
             flat.grad = grad
-            flats.append(flat)
-        self.params = flats
-        return flats
+        self.rebind()  # the weights' values copied in, each weight then a view
+        return self.params
 
     def rebind(self) -> None:
-        """flat_params: weights whose data was replaced since flat_weights are copied back into their flat
-        parameter and made its views again. In a 2-process run the weights had memory of their own by the
-        first micro-batch (accelerate's prepare, after HF makes the optimizer, moves the model with .to(),
+        """flat_params: weights whose data is not their flat parameter's (all of them, at flat_weights) are
+        copied into it and made its views. In a 2-process run the weights had memory of their own again by
+        the first micro-batch (accelerate's prepare, after HF makes the optimizer, moves the model with .to(),
         which sets each weight's data), and the optimizer stepped a flat parameter that no weight read
-        (tests/test_launch.py caught it). The Trainer calls it at each train()'s first micro-batch."""
+        (tests/test_launch.py caught it): the Trainer calls this at each train()'s first micro-batch too."""
         for group, flat in zip(self.groups, self.params):
             home = flat.untyped_storage().data_ptr()
             if all(w.untyped_storage().data_ptr() == home for w in group):
                 continue
+            views = flat.detach().split([w.numel() for w in group])
             with torch.no_grad():
-                torch._foreach_copy_(list(flat.detach().split([w.numel() for w in group])),
-                                     [w.detach().reshape(-1) for w in group])
-            for w, v in zip(group, flat.detach().split([w.numel() for w in group])):
+                torch._foreach_copy_(list(views), [w.detach().reshape(-1) for w in group])
+            for w, v in zip(group, views):
                 w.data = v.view_as(w)
 
     def fresh(self) -> bool:

@@ -265,7 +265,7 @@ def _graphable(p):
                           "and cpp_wrapper out")
     if p.ddp_bf16_grads:
         raise ParamsError("cuda_graphs all-reduces the gradients itself, in one flat fp32 buffer after the backward "
-                          "(lib.trainer): ddp_bf16_grads, a hook of DDP's, would not run; leave it out")
+                          "(lib/graph_grads.py): ddp_bf16_grads, a hook of DDP's, would not run; leave it out")
 
 
 def _fusable(p):

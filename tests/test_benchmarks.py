@@ -255,6 +255,8 @@ def test_profile_window_reports_the_hosts_time(tmp_path, monkeypatch, capsys):
     trace = json.loads(gzip.decompress((tmp_path / "tr" / "project.n1.rank0.trace.json.gz").read_bytes()))
     assert any(e.get("name") == "Optimizer.step#AdamW.step" for e in trace["traceEvents"])  # 2 profiled steps
     assert json.loads((tmp_path / "tr" / "project.n1.rank0.profile.json").read_text()) == pr
+    gaps = pr["host_gaps"]  # the main thread's Python between ops: some, and within its span
+    assert 0 < gaps["outside_ops_ms_per_step"] < gaps["span_ms_per_step"] and gaps["by_pair"]
     assert pr["wall_ms_per_step"] > 0 and pr["host_total_ms"] and pr["host_self_ms"]
     for ranked in (pr["host_total_ms"], pr["host_self_ms"]):  # (name, ms a step, calls a step), longest first
         assert [k[1] for k in ranked] == sorted((k[1] for k in ranked), reverse=True) and ranked[0][1] > 0

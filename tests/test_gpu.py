@@ -191,11 +191,13 @@ def _apart(a, b) -> float:
     return (sum((a[k] - b[k]).abs().sum() for k in a) / sum(b[k].abs().sum() for k in b)).item()
 
 
-def test_cuda_graphs_train_as_the_plain_step(tmp_path, monkeypatch):
+@pytest.mark.parametrize("flat", [False, True], ids=["cuda_graphs", "flat_params"])
+def test_cuda_graphs_train_as_the_plain_step(tmp_path, monkeypatch, flat):
     """cuda_graphs (the whole decoder one compiled graph, replayed as CUDA graphs; rows padded) trains four
     steps of two accumulated micro-batches as the uncompiled varlen step does, and the graphs were replayed,
-    not skipped. Without copying the first micro-batch's gradients out of the graphs' memory the second
-    replay writes over them: torch raises, or the weights go elsewhere (the test can fail)."""
+    not skipped; so does flat_params (the weights views of one flat parameter, which the graphs read).
+    Without copying the first micro-batch's gradients out of the graphs' memory the second replay writes
+    over them: torch raises, or the weights go elsewhere (the test can fail)."""
     from torch._dynamo.utils import counters
 
     from lib import params
@@ -207,39 +209,20 @@ def test_cuda_graphs_train_as_the_plain_step(tmp_path, monkeypatch):
     plain, plain_losses = _trained_deltas(params.TrainParams(**kw), tmp_path / "plain")
     with torch._dynamo.config.patch(specialize_float=False):  # compile_decoder's process-wide setting, undone
         counters.clear()
-        graphs, losses = _trained_deltas(params.TrainParams(**kw, compile=True, cuda_graphs=True), tmp_path / "graphs")
+        graphed = params.TrainParams(**kw, compile=True, cuda_graphs=True, flat_params=flat)
+        torch._dynamo.reset()
+        graphs, losses = _trained_deltas(graphed, tmp_path / "graphs")
         assert counters["inductor"]["cudagraph_skips"] == 0
         assert losses == pytest.approx(plain_losses, rel=1e-2)
         assert _apart(graphs, plain) < 0.1
         monkeypatch.setattr(GraphGrads, "take", lambda self: None)
         torch._dynamo.reset()
         try:
-            broken, _ = _trained_deltas(params.TrainParams(**kw, compile=True, cuda_graphs=True), tmp_path / "broken")
+            broken, _ = _trained_deltas(graphed, tmp_path / "broken")
         except RuntimeError as e:
             assert "overwritten" in str(e)
         else:
             assert _apart(broken, plain) > 0.3
-
-
-def test_flat_params_train_as_the_plain_step(tmp_path):
-    """flat_params on the GPU (the weights views of one flat parameter, which the CUDA graphs read): four
-    steps of two accumulated micro-batches train as the uncompiled varlen step does, no graph skipped."""
-    from torch._dynamo.utils import counters
-
-    from lib import params
-
-    kw = dict(model=TINY, quantization="none", compute_dtype="bfloat16", packing=True, varlen_attention=True,
-              gradient_checkpointing=False, micro_batch_size=2, grad_accum=2, max_steps=4, logging_steps=1,
-              eval_steps=1000, save_steps=0, learning_rate=1e-3, lr_scheduler="constant")
-    plain, plain_losses = _trained_deltas(params.TrainParams(**kw), tmp_path / "plain")
-    with torch._dynamo.config.patch(specialize_float=False):  # compile_decoder's process-wide setting, undone
-        counters.clear()
-        torch._dynamo.reset()
-        flat, losses = _trained_deltas(params.TrainParams(**kw, compile=True, cuda_graphs=True, flat_params=True),
-                                       tmp_path / "flat")
-        assert counters["inductor"]["cudagraph_skips"] == 0
-    assert losses == pytest.approx(plain_losses, rel=1e-2)
-    assert _apart(flat, plain) < 0.1
 
 
 def test_varlen_answer_loss_never_waits_for_the_gpu():
