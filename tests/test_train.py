@@ -441,3 +441,57 @@ def test_a_diverging_run_stops_with_the_step_and_keeps_its_checkpoints(tmp_path,
     assert best and all(torch.isfinite(t).all() for t in best.values())
     assert not (tmp_path / "summary.json").exists()
     assert issubclass(trainer.TrainingDiverged, cli.USER_ERRORS)  # one line in lib.train, not a traceback
+
+
+def test_checked_train_walks_only_when_a_module_is_in_the_other_mode(tiny, monkeypatch):
+    """HF calls model.train() before every micro-batch; lib.trainer.checked_train walks the modules only
+    when one of them (however deep) is in the other mode, and leaves every module in the mode asked."""
+    from lib.trainer import checked_train
+
+    model = tiny[0]
+    walked = []
+    walk = torch.nn.Module.train
+    monkeypatch.setattr(torch.nn.Module, "train", lambda self, mode=True: walked.append(self) or walk(self, mode))
+    model.train()
+    train = checked_train(model)
+    walked.clear()
+    assert train() is model and walked == []  # every module training already
+    deep = model.model.layers[0].mlp.down_proj
+    deep.eval()
+    train()
+    assert deep.training and all(m.training for m in model.modules()) and walked
+    walked.clear()
+    train(False)
+    assert not any(m.training for m in model.modules()) and walked
+    model.train()
+
+    class Own(torch.nn.Module):  # a train() that may do more than set the flag: walked every time
+        def train(self, mode=True):
+            return super().train(mode)
+    own = torch.nn.Sequential(torch.nn.Linear(2, 2), Own())
+    assert checked_train(own) == own.train
+
+
+def test_hf_loop_trains_every_micro_batch_in_training_mode_without_a_walk_each(tmp_path, monkeypatch):
+    """Through Trainer.train with evaluations between steps (each puts the model in eval mode and back):
+    every micro-batch's forward finds every module training, the modules are walked only around the
+    evaluations (not before each of the 8 micro-batches), and the model's own train() is back after."""
+    from peft import PeftModel
+
+    from lib.trainer import AnswerLossTrainer
+
+    seen, walks = [], []
+    loss = AnswerLossTrainer.compute_loss
+    monkeypatch.setattr(AnswerLossTrainer, "compute_loss", lambda self, model, *a, **kw: seen.append(
+        (model, all(m.training for m in model.modules()))) or loss(self, model, *a, **kw))
+    walk = torch.nn.Module.train
+    monkeypatch.setattr(torch.nn.Module, "train", lambda self, mode=True: walks.append(
+        isinstance(self, PeftModel)) or walk(self, mode))  # the top, once a walk
+    tr = data.load_split("data/sample", "train", limit=16)
+    ev = data.load_split("data/sample", "public_test", limit=4)
+    finetune.finetune(tiny_params(micro_batch_size=2, grad_accum=2, max_steps=4, eval_steps=2, save_steps=0),
+                      tr, ev, tmp_path)
+    assert len(seen) == 8 and all(ok for _, ok in seen)
+    evaluations = 3  # steps 0, 2, 4: each an eval() walk and a train() walk
+    assert sum(walks) <= 2 * evaluations + 1  # + HF's own before the loop; 8 more with a walk per micro-batch
+    assert "train" not in vars(seen[0][0]) and "zero_grad" not in vars(seen[0][0])
