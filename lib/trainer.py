@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 from accelerate.utils import DistributedDataParallelKwargs
-from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_pt_utils import BatchRebalanceSampler
 
 from . import collate, evaluate, prompts, speedups, varlen_attention
@@ -171,25 +171,6 @@ def sampling_strategy(p) -> str:
     return "batch_rebalance" if p.balance_ranks else "group_by_length" if p.group_by_length else "random"
 
 
-def checked_train(model):
-    """model.train that walks the modules only when one of them is in the other mode; the walk itself where
-    a module's own train() may do more than set the flag.
-
-    Why: HF's training_step calls model.train() before every micro-batch, a recursive walk that sets the same
-    flag on every module again: 4.6 ms of Python for qwen2.5-coder-1.5b with LoRA (2,333 modules, CPU here),
-    in every micro-batch of a step that CUDA graphs leave bound by the host. Reading the flags from a list
-    made once takes 0.09 ms. Module.train and PreTrainedModel.train (which acts only on a change of mode)
-    do nothing else, so skipping them when nothing would change is the same; an eval() anywhere (the
-    curve's evaluations) makes the next call walk."""
-    modules, walk = list(model.modules()), model.train
-    if any(type(m).train not in (torch.nn.Module.train, PreTrainedModel.train) for m in modules):
-        return walk
-
-    def train(mode: bool = True):
-        return model if all(m.training == mode for m in modules) else walk(mode)
-    return train
-
-
 class BalancedTrainer(Trainer):
     """HF's Trainer whose balance_ranks sampler splits by tokens (lib.sampler: HF's splits padded cost) and
     shuffles by the run's seed (HF builds it with its default, 42, whatever `seed` says)."""
@@ -198,7 +179,6 @@ class BalancedTrainer(Trainer):
     graph_grads = None  # GraphGrads under cuda_graphs, made at the first micro-batch
     flat_params = False  # SpeedParams.flat_params (with cuda_graphs); configure sets it
     bound = False  # this train() call's weights rebound to the flat parameters (flat_params)
-    shadowed = ()  # (model, method name) replaced by an instance attribute during train() (_shadow)
 
     def _get_train_sampler(self, train_dataset=None):
         s = super()._get_train_sampler(train_dataset)
@@ -209,7 +189,6 @@ class BalancedTrainer(Trainer):
         return s
 
     def training_step(self, model, inputs, *args, **kwargs):
-        self._shadow(model, "train", checked_train)  # HF's training_step calls model.train() each micro-batch
         grads = self._graph_grads(model) if self.cuda_graphs else None
         fresh = grads is not None and grads.fresh()
         if fresh and not self.bound:
@@ -232,18 +211,7 @@ class BalancedTrainer(Trainer):
 
     def train(self, *args, **kwargs):
         self.bound = False  # each train() prepares the model anew (a resume too): GraphGrads.rebind once after
-        try:
-            return super().train(*args, **kwargs)
-        finally:  # the model's own methods again, for whatever uses it next (a copy would share the shadows)
-            for model, name in self.shadowed:
-                vars(model).pop(name, None)
-            self.shadowed = ()
-
-    def _shadow(self, model, name: str, make):
-        """model.<name> replaced, for this train() call, by an instance attribute make(model)."""
-        if name not in vars(model):
-            setattr(model, name, make(model))
-            self.shadowed += ((model, name),)  # a tuple: the class's default is never appended to
+        return super().train(*args, **kwargs)
 
     def _graph_grads(self, model) -> GraphGrads:
         """cuda_graphs' gradient buffers, made at the first micro-batch (the model trainable, on its device)
@@ -252,7 +220,8 @@ class BalancedTrainer(Trainer):
         instance attribute shadows the method)."""
         if self.graph_grads is None:
             self.graph_grads = GraphGrads(self.model)
-        self._shadow(model, "zero_grad", lambda _: self.graph_grads.zero_grad)
+        if "zero_grad" not in vars(model):
+            model.zero_grad = self.graph_grads.zero_grad
         return self.graph_grads
 
     def create_optimizer(self, model=None):
