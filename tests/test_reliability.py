@@ -238,8 +238,63 @@ def test_a_stated_commit_wins_over_the_trees_git(monkeypatch):
 
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=results.ROOT).stdout.strip()
     monkeypatch.delenv("CCT_GIT_COMMIT", raising=False)
+    monkeypatch.delenv("CCT_GIT_TREE", raising=False)
     assert results.git_state()["commit"] == head
     monkeypatch.setenv("CCT_GIT_COMMIT", "0" * 40)
     assert results.git_state() == {"commit": "0" * 40, "dirty": False}
     monkeypatch.setenv("CCT_GIT_DIRTY", "1")
     assert results.git_state()["dirty"] is True
+
+
+def test_a_copy_whose_files_are_not_its_commits_is_dirty(tmp_path, monkeypatch):
+    """A tree copied to a lent GPU has no git: the bundle lists its commit's files (.stD/tree.txt) and a
+    result is "dirty" when a file there differs, is gone, or a link points elsewhere - what git status
+    says of the same changes in the repository itself (the oracle here)."""
+    import os
+    import subprocess
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bundle
+
+    from lib import results
+
+    repo = tmp_path / "repo"
+    (repo / "lib").mkdir(parents=True)
+    (repo / "lib" / "trainer.py").write_text("x = 1\n")
+    (repo / "odd name\twith tab é.txt").write_bytes(b"\x00\x01")
+    os.symlink("lib/trainer.py", repo / "link")
+
+    def git(*a):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=repo,
+                              capture_output=True, text=True, check=True).stdout
+
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "c")
+    bundle.scripts(repo, "0" * 64, 1, [], git("rev-parse", "HEAD").strip(), False)
+    manifest = repo / ".stD" / "tree.txt"
+    assert "CCT_GIT_TREE=$PWD/.stD/tree.txt" in (repo / ".stD" / "env.sh").read_text()
+
+    def both():
+        return results.tree_changed(manifest, repo), bool(git("status", "--porcelain", "--untracked-files=no"))
+
+    assert both() == (False, False)
+    for change, undo in [
+        (lambda: (repo / "lib" / "trainer.py").write_text("x = 2\n"), lambda: git("checkout", "-q", "--", "lib")),
+        (lambda: (repo / "lib" / "trainer.py").unlink(), lambda: git("checkout", "-q", "--", "lib")),
+        (lambda: (repo / "odd name\twith tab é.txt").write_bytes(b"\x00"), lambda: git("checkout", "-q", "--", ".")),
+        (lambda: ((repo / "link").unlink(), os.symlink("elsewhere", repo / "link")), lambda: git("checkout", "-q", "--", "link")),
+    ]:
+        change()
+        assert both() == (True, True)
+        undo()
+        assert both() == (False, False)
+    monkeypatch.setattr(results, "ROOT", repo)
+    monkeypatch.setenv("CCT_GIT_COMMIT", "1" * 40)
+    monkeypatch.delenv("CCT_GIT_DIRTY", raising=False)
+    monkeypatch.setenv("CCT_GIT_TREE", str(manifest))
+    assert results.git_state() == {"commit": "1" * 40, "dirty": False}
+    (repo / "lib" / "trainer.py").write_text("x = 3\n")
+    assert results.git_state()["dirty"] is True
+    monkeypatch.setenv("CCT_GIT_TREE", str(tmp_path / "none.txt"))  # a bundle made before the list: unknown
+    assert results.git_state()["dirty"] is False
