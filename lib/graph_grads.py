@@ -68,8 +68,7 @@ class GraphGrads:
         next replay writes over (torch raises, or the sums go wrong: tests/test_gpu.py); copied, later
         micro-batches add into the buffers, and the clip, the all-reduce and the optimizer read them there."""
         grads = [w.grad for w in self.weights]
-        if any(g is None for g in grads):
-            missing = sum(g is None for g in grads)
+        if missing := sum(g is None for g in grads):
             raise RuntimeError(f"{missing} trained weights got no gradient in this micro-batch: every trained "
                                "weight must take part in the forward under cuda_graphs")
         torch._foreach_copy_(self.views, grads)

@@ -183,7 +183,7 @@ class SpeedParams:
     cuda_graphs: bool = False
     # with cuda_graphs: the trained weights become views of one flat parameter per dtype, stepped by the optimizer
     # as one tensor (lib/graph_grads.py): AdamW's per-weight host work off a host-bound step; the same update.
-    # Built and tested on CPU, not yet timed on a GPU
+    # Tested on CPU and on an H100; not timed against flat_params: false on one machine (benchmarks/README.md)
     flat_params: bool = False
     lean_nf4: bool = False  # 4-bit layers without bitsandbytes' Python wrappers (lib/nf4.py): same products
     # the LoRA projections that read the same input (q/k/v, gate/up) computed as one group in training: one base

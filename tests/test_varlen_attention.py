@@ -326,15 +326,15 @@ def test_cuda_graphs_take_each_steps_gradients_at_its_first_micro_batch(tiny, tm
         warnings.simplefilter("always")
         t, model, batch = _graphs_trainer(tiny[2], tmp_path, grad_accum=2)
     assert any("cuda_graphs replays CUDA graphs on a GPU only" in str(w.message) for w in caught)  # CPU here
-    calls, take = [], GraphGrads.take
-    monkeypatch.setattr(GraphGrads, "take", lambda self: calls.append(1) or take(self))
+    calls = {"take": 0}
+    monkeypatch.setattr(GraphGrads, "take", _counted(GraphGrads.take, calls, "take"))
     trained = [w for w in model.parameters() if w.requires_grad]
     seen = []
     with torch._dynamo.config.patch(specialize_float=False):  # compile_decoder's setting, undone after
         for step_ends in (False, True, False):
-            before = len(calls)
+            before = calls["take"]
             t.training_step(model.train(), dict(batch), num_items_in_batch=torch.tensor(100))
-            seen.append(len(calls) > before)
+            seen.append(calls["take"] > before)
             if step_ends:
                 grads = [w.grad.clone() for w in trained]
                 expected = torch.nn.utils.clip_grad_norm_(trained, 0.3)  # clips these weights' gradients
