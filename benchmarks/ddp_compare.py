@@ -99,6 +99,8 @@ def main():
             r |= speed(r, flops_token, rate)
             print(f"{n} process(es): {r['tokens_per_s']} tokens/s, MFU {r['mfu'] * 100:.1f}% a GPU "
                   f"(bf16 matmul rate measured here: {rate / 1e12:.1f} TFLOP/s)", flush=True)
+            print(f"  median step by process, and its part fetching the batches: {processes_line(r['summary'])}",
+                  flush=True)
         runs.append(r)
         doc = document(p, rate, hardware, runs)
         write(doc, out)  # after each run: a call cut during the next keeps this one
@@ -115,6 +117,13 @@ def fits(walls: dict, n: int, left: float) -> bool:
 def pair_order(k: int, processes: int) -> tuple:
     """The k-th repeat's order: 1 then N, then N then 1 (ABBA), so neither variant is always the first."""
     return (1, processes) if k % 2 == 0 else (processes, 1)
+
+
+def processes_line(s: dict) -> str:
+    """Each process's median step and its median fetch (the batches, and the wait for its GPU's queue, which
+    under DDP holds the all-reduce, i.e. the slower process): the rest is that process's own host work."""
+    return "; ".join(f"{i}: {x['median_s_per_step']:.4f} s, {x['median_fetch_s']:.4f} s fetching"
+                     for i, x in enumerate(s.get("per_process", [])) if x["median_s_per_step"] is not None)
 
 
 def compare(runs: list, processes: int, doc: dict, out: Path):

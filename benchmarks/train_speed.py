@@ -331,6 +331,8 @@ def run(mode, settings, model_dir, feats, tok, a, spy_file=None):
            "peak_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if torch.cuda.is_available() else 0.0,
            "load_peak_gib": round(clock.load_peak / 2 ** 30, 2),
            "s_per_step": round(dt / (a.steps - a.warmup), 3), "load_s": round(t_load, 1),
+           # this process's mean time in fetching a timed step's batches (and waiting for its GPU's queue)
+           "fetch_s_per_step": round(sum(trainer.fetch_s[a.warmup:a.steps]) / (a.steps - a.warmup), 4),
            "untimed_s": round(time.perf_counter() - t - clock.dt, 1),  # warm-up (compilation) + profiling
            "losses": losses,  # every step's, read once at the end
            "logged_losses": [round(r["loss"], 4) for r in trainer.state.log_history if "loss" in r]}
@@ -412,7 +414,7 @@ def strip_option(argv, name):
 def print_row(r, base):
     tail = r["losses"][-10:]
     print(f"{r['mode']:44s} {r['tokens_per_s']:>7d} tok/s  peak {r['peak_gib']:6.2f} GiB (load {r.get('load_peak_gib', 0):.2f})"
-          f"  {r['s_per_step']:.3f} s/step"
+          f"  {r['s_per_step']:.3f} s/step ({r.get('fetch_s_per_step', 0):.3f} fetching)"
           f"  x{r['tokens_per_s'] / base['tokens_per_s']:.2f}  MFU {r['mfu']:.1%}  loss(last 10) {sum(tail) / len(tail):.4f}", flush=True)
     if "profile" in r:
         pr = r["profile"]

@@ -17,7 +17,7 @@ import torch
 from . import collate, evaluate, launch, models, paramfile, prompts, results, reverse, runs, soup, speedups, trainable
 from .embedded import EMBEDDED
 from .models import device_for
-from .trainer import curve_callback, curve_row, curve_table, make_trainer, planned_steps, world_size
+from .trainer import curve_callback, curve_row, curve_table, make_trainer, per_process, planned_steps, world_size
 
 
 @dataclass
@@ -116,6 +116,8 @@ def _fit(p, train_records, eval_records, out: Path, run: dict) -> FinetuneResult
         "tokens_per_step": round(sum(len(f["input_ids"]) for f in feats) / len(feats) * p.micro_batch_size * p.grad_accum, 1),
         "n_train": len(feats), "n_skipped": len(skipped), "n_eval": len(eval_records),
         "num_processes": world_size(), "gpu": results.hardware()["gpu"],
+        # each process's median step and the part of it in fetching the batches (waiting for the GPU included)
+        "per_process": per_process(clock.step_s, trainer.fetch_s),
     }
     if trainer.is_world_process_zero():  # the main process alone writes files
         model.save_pretrained(out / "final_adapter")

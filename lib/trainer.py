@@ -4,6 +4,7 @@ import dataclasses
 import functools
 import math
 import os
+import statistics
 import time
 import warnings
 from pathlib import Path
@@ -211,7 +212,19 @@ class BalancedTrainer(Trainer):
 
     def train(self, *args, **kwargs):
         self.bound = False  # each train() prepares the model anew (a resume too): GraphGrads.rebind once after
+        self.fetch_s = []
         return super().train(*args, **kwargs)
+
+    def get_batch_samples(self, *args, **kwargs):
+        """HF's fetch of one optimizer step's micro-batches, timed into fetch_s: the loader, the batches' copies
+        to the device (accelerate's loader makes them as it yields) and, as a blocking copy waits for the
+        device's queue, the wait for the step before (under DDP for its all-reduce: the slower process). A
+        step's time less this is the host's own work on it, which tells a host-bound process from a waiting
+        one (benchmarks/README.md: what a 2-GPU step costs beyond one micro-batch)."""
+        t = time.perf_counter()
+        batches = super().get_batch_samples(*args, **kwargs)
+        self.fetch_s.append(time.perf_counter() - t)
+        return batches
 
     def _graph_grads(self, model) -> GraphGrads:
         """cuda_graphs' gradient buffers, made at the first micro-batch (the model trainable, on its device)
@@ -411,6 +424,19 @@ def bf16_all_reduce(process_group, bucket):
 
 def curve_callback(trainer) -> CurveCallback:
     return next(c for c in trainer.callback_handler.callbacks if isinstance(c, CurveCallback))
+
+
+def per_process(step_s: list, fetch_s: list) -> list[dict]:
+    """Each process's median step and median fetch (BalancedTrainer.fetch_s), in rank order and on every
+    process (gathered under DDP): a process whose step is mostly its own host work sets the pace, one that
+    spends it fetching waits for its GPU or for the other processes."""
+    mine = {"median_s_per_step": round(statistics.median(step_s), 4) if step_s else None,
+            "median_fetch_s": round(statistics.median(fetch_s), 4) if fetch_s else None}
+    if world_size() == 1 or not dist.is_initialized():
+        return [mine]
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, mine)
+    return parts
 
 
 def curve_table(log_history) -> pd.DataFrame:

@@ -129,7 +129,7 @@ def tiny_params_by_hand() -> int:
     return 2 * v * 64 + 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64) + 64
 
 
-def test_ddp_compare_on_cpu(tmp_path, monkeypatch):
+def test_ddp_compare_on_cpu(tmp_path, monkeypatch, capsys):
     """ddp_compare: 1 and 2 processes (gloo) of the same recipe, both curves kept, equal, and a ratio of
     the typical step times."""
     import ddp_compare
@@ -161,6 +161,9 @@ def test_ddp_compare_on_cpu(tmp_path, monkeypatch):
     assert doc["speedup"] == pytest.approx(s1["median_s_per_step"] / s2["median_s_per_step"])
     assert doc["speedup_steady"] == pytest.approx(s1["steady_s_per_step"] / s2["steady_s_per_step"])
     assert (tmp_path / "o" / "ddp_curves.png").exists()
+    # each process's median step and fetch, as its run's summary has them
+    x = s2["per_process"][1]
+    assert f"1: {x['median_s_per_step']:.4f} s, {x['median_fetch_s']:.4f} s fetching" in capsys.readouterr().out
     # tokens/s and MFU of each run: its real tokens a step over its typical step, per process against the
     # matmul rate measured in the run. Tokens a step counted by hand: BOS + prompt + answer + EOS of every
     # training record, on average, times the effective batch (2 x 2)
@@ -210,6 +213,7 @@ def test_train_speed_modes_on_the_tiny_model(tmp_path, monkeypatch, capsys):
     assert [r["mode"] for r in rows] == ["baseline", "project+lean_nf4=true"]
     assert rows[0]["settings"] == train_speed.BASELINE and rows[1]["settings"]["lean_nf4"] is True
     assert all(r["tokens_per_s"] > 0 and len(r["losses"]) == 3 for r in rows)
+    assert all(0 < r["fetch_s_per_step"] < r["s_per_step"] for r in rows)  # the timed steps' fetches, within them
     # MFU = tokens/s x FLOPs per token / the matmul rate measured in the run
     doc = json.loads(out.read_text())
     n = tiny_params_by_hand()

@@ -72,6 +72,10 @@ def test_two_process_cpu_run_is_the_one_process_run(tmp_path, capfd):
     s1 = json.loads((one / "summary.json").read_text())
     s2 = json.loads((two / "summary.json").read_text())
     assert (s1["num_processes"], s2["num_processes"]) == (1, 2)
+    # each process's step and fetch medians, gathered to the main process's summary in rank order
+    assert [len(s1["per_process"]), len(s2["per_process"])] == [1, 2]
+    assert s2["per_process"][0]["median_s_per_step"] == s2["median_s_per_step"]
+    assert all(0 < x["median_fetch_s"] < x["median_s_per_step"] for x in s1["per_process"] + s2["per_process"])
     c1, c2 = pd.read_csv(one / "curve.csv"), pd.read_csv(two / "curve.csv")
     assert c1.step.tolist() == c2.step.tolist() == [0, 2, 4]
     assert c2.eval_ppl.iloc[-1] < c2.eval_ppl.iloc[0]  # it learns

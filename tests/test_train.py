@@ -382,6 +382,39 @@ def test_steady_step_is_the_mean_after_warm_up(tmp_path):
     assert cb.steady_s_per_step() == pytest.approx(2.0)
 
 
+def test_a_steps_fetch_is_timed_apart_from_its_work(tmp_path, monkeypatch):
+    """per_process: the median fetch is what HF spends getting a step's micro-batches (a loader taking 0.05 s
+    a batch, 2 a step: at least 0.1 s), the median step holds it and the step's own work (a 0.1-s pause
+    before each optimizer step); one process, one entry."""
+    import time
+
+    from transformers import TrainerCallback
+
+    def slow_collator(p, tok, real=collate.collator):
+        inner = real(p, tok)
+        return lambda features: time.sleep(0.05) or inner(features)
+
+    class Work(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            time.sleep(0.1)
+
+    def with_work(*args, real=finetune.make_trainer, **kw):
+        trainer = real(*args, **kw)
+        trainer.add_callback(Work())
+        return trainer
+
+    monkeypatch.setattr(finetune.collate, "collator", slow_collator)
+    monkeypatch.setattr(finetune, "make_trainer", with_work)
+    tr, ev = data.load_split("data/sample", "train", limit=16), data.load_split("data/sample", "public_test", limit=4)
+    s = finetune.finetune(tiny_params(micro_batch_size=2, grad_accum=2, max_steps=4, eval_steps=4, save_steps=0),
+                          tr, ev, tmp_path).summary
+    [mine] = s["per_process"]
+    fetch, step = mine["median_fetch_s"], mine["median_s_per_step"]
+    assert step == s["median_s_per_step"]
+    assert 0.1 <= fetch < 0.18  # two batches (three at the first step: accelerate's loader looks one ahead)
+    assert step - fetch >= 0.1  # the work is the step's, not the fetch's
+
+
 def test_neftune_reaches_the_trainer_and_noises_only_training(tiny, tmp_path):
     """NEFTune is HF's own (noise on the input embeddings in training): the param reaches it, or is off."""
     from lib.trainer import training_args
