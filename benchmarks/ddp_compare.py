@@ -99,8 +99,8 @@ def main():
             r |= speed(r, flops_token, rate)
             print(f"{n} process(es): {r['tokens_per_s']} tokens/s, MFU {r['mfu'] * 100:.1f}% a GPU "
                   f"(bf16 matmul rate measured here: {rate / 1e12:.1f} TFLOP/s)", flush=True)
-            print(f"  median step by process, and its part fetching the batches: {processes_line(r['summary'])}",
-                  flush=True)
+            if line := processes_line(r["summary"]):  # runs from before 2026-12-07 have no per_process
+                print(f"  median step by process, and its part fetching the batches: {line}", flush=True)
         runs.append(r)
         doc = document(p, rate, hardware, runs)
         write(doc, out)  # after each run: a call cut during the next keeps this one
