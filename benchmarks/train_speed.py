@@ -99,14 +99,19 @@ def base_settings(name: str, project: dict) -> dict:
 
 
 class Counting:
-    """Wraps a collator and counts the real (non-pad) tokens it hands out."""
+    """Wraps a collator and counts the real (non-pad) tokens it hands out. With --vocab, the pads it adds are
+    folded into the vocabulary as the records' ids are (features()): a proxy tokenizer's pad id may lie
+    past the model's embeddings (Qwen's 151643 in a 64k model: an index error in the embedding)."""
 
-    def __init__(self, inner):
-        self.inner, self.tokens = inner, 0
+    def __init__(self, inner, vocab: int = 0):
+        self.inner, self.tokens, self.vocab = inner, 0, vocab
 
     def __call__(self, feats):
         self.tokens += sum(len(f["input_ids"]) for f in feats)
-        return self.inner(feats)
+        batch = self.inner(feats)
+        if self.vocab:
+            batch["input_ids"] = batch["input_ids"] % self.vocab
+        return batch
 
 
 class Clock(TrainerCallback):
@@ -308,7 +313,7 @@ def run(mode, settings, model_dir, feats, tok, a, spy_file=None):
     trainer_name = mode.split("+")[0]
     model = build_model(trainer_name, model_dir, tok, p, a)
     t_load = time.perf_counter() - t_load
-    collator = Counting(collate.collator(p, tok))
+    collator = Counting(collate.collator(p, tok), a.vocab)
     clock = Clock(collator, a.warmup, a.steps, a.profile, a.memory_trace, spy_file,
                   label=mode if is_main() else "", stacks=a.profile_stacks)
     out = Path(a.work) / "run"
