@@ -123,7 +123,7 @@ def processes_line(s: dict) -> str:
     """Each process's median step and its median fetch (the batches, and the wait for its GPU's queue, which
     under DDP holds the all-reduce, i.e. the slower process): the rest is that process's own host work."""
     return "; ".join(f"{i}: {x['median_s_per_step']:.4f} s, {x['median_fetch_s']:.4f} s fetching"
-                     for i, x in enumerate(s.get("per_process", [])) if x["median_s_per_step"] is not None)
+                     for i, x in enumerate(s.get("per_process", [])))
 
 
 def compare(runs: list, processes: int, doc: dict, out: Path):

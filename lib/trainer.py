@@ -180,6 +180,7 @@ class BalancedTrainer(Trainer):
     graph_grads = None  # GraphGrads under cuda_graphs, made at the first micro-batch
     flat_params = False  # SpeedParams.flat_params (with cuda_graphs); configure sets it
     bound = False  # this train() call's weights rebound to the flat parameters (flat_params)
+    fetch_s = ()  # each optimizer step's seconds in get_batch_samples, this train() call's (a list from train())
 
     def _get_train_sampler(self, train_dataset=None):
         s = super()._get_train_sampler(train_dataset)

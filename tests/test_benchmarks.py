@@ -181,16 +181,17 @@ def test_ddp_compare_on_cpu(tmp_path, monkeypatch, capsys):
             s["tokens_per_step"] / s["median_s_per_step"] * 6 * tiny_params_by_hand(), rel=1e-6)
 
 
-def test_train_speed_folds_the_collators_pads_into_a_proxy_vocabulary():
-    """--vocab: the pads a collator adds (id 50 here) land inside the model's vocabulary (10) like the records'
-    folded ids; the records' own ids are left as they are, and the tokens counted are the records'."""
+def test_train_speed_folds_a_batchs_ids_into_a_proxy_vocabulary():
+    """--vocab 10: the records' ids (14 -> 4) and the pads the collator adds (50 -> 0) land inside the model's
+    vocabulary, labels alike but for the ignored -100; the tokens counted are the records'. Without it, as is."""
     from lib import collate
 
-    feats = [{"input_ids": [3, 4, 5], "labels": [-100, 4, 5]}, {"input_ids": [7], "labels": [7]}]
+    feats = [{"input_ids": [3, 14, 5], "labels": [-100, 14, 5]}, {"input_ids": [27], "labels": [27]}]
     c = train_speed.Counting(collate.PadCollator(50), vocab=10)
     batch = c(feats)
-    assert batch["input_ids"].tolist() == [[3, 4, 5], [7, 50 % 10, 50 % 10]] and c.tokens == 4
-    assert train_speed.Counting(collate.PadCollator(50))(feats)["input_ids"].tolist()[1] == [7, 50, 50]
+    assert batch["input_ids"].tolist() == [[3, 4, 5], [7, 0, 0]] and c.tokens == 4
+    assert batch["labels"].tolist() == [[-100, 4, 5], [7, -100, -100]]
+    assert train_speed.Counting(collate.PadCollator(50))(feats)["input_ids"].tolist() == [[3, 14, 5], [27, 50, 50]]
 
 
 def _train_speed(tmp_path, monkeypatch, modes, *more):
